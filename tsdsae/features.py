@@ -1,0 +1,99 @@
+"""The log-mel front end: the one definition of what a feature is (METHOD s1).
+
+audio (mono, 16 kHz, peak normalised) -> power mel spectrogram (n_fft 2048, hop 256, Hann 2048,
+center=True with reflect padding, 80 HTK mels in 0..8000 Hz, no norm) -> natural log(x + 2.22e-16).
+A 4 s clip (64,000 samples) gives T = 251 frames of F = 80 bins. No mean/variance normalisation.
+
+Used by data_prep (shards), the toy dataset, inference and the swap CLI alike.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torchaudio
+
+SAMPLE_RATE = 16_000
+N_FFT = 2048
+HOP = 256
+N_MELS = 80
+F_MIN = 0.0
+F_MAX = 8000.0
+LOG_EPS = 2.22e-16
+CLIP_SECONDS = 4.0
+CLIP_SAMPLES = int(SAMPLE_RATE * CLIP_SECONDS)
+
+FEATURE_PARAMS = {
+    "sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "win_length": N_FFT, "hop_length": HOP,
+    "window": "hann", "center": True, "pad_mode": "reflect", "n_mels": N_MELS, "f_min": F_MIN,
+    "f_max": F_MAX, "mel_scale": "htk", "norm": None, "power": 2.0, "log": "ln(x + 2.22e-16)",
+}
+
+
+def num_frames(num_samples: int) -> int:
+    """Frames produced for a clip of `num_samples` (center=True): 1 + n // hop."""
+    return 1 + num_samples // HOP
+
+
+@functools.lru_cache(maxsize=4)
+def _mel(device: str) -> torchaudio.transforms.MelSpectrogram:
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=SAMPLE_RATE, n_fft=N_FFT, win_length=N_FFT, hop_length=HOP, f_min=F_MIN,
+        f_max=F_MAX, n_mels=N_MELS, window_fn=torch.hann_window, power=2.0, center=True,
+        pad_mode="reflect", norm=None, mel_scale="htk").to(device)
+
+
+def peak_normalise(audio: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Divide each clip (last axis) by its max |a|. Silent clips stay zero (no NaN)."""
+    peak = audio.abs().amax(dim=-1, keepdim=True)
+    return audio / peak.clamp_min(eps)
+
+
+@torch.no_grad()
+def log_mel(audio: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Log-mel features of mono 16 kHz audio.
+
+    audio: (N,) or (B, N) float. Returns float32 (T, 80) or (B, T, 80). Computed in batches of
+    `batch_size` clips so a whole split is one vectorised pass, not a per-clip loop.
+    """
+    squeeze = audio.dim() == 1
+    if squeeze:
+        audio = audio[None]
+    audio = audio.float()
+    mel = _mel(str(audio.device))
+    out = []
+    for start in range(0, audio.shape[0], batch_size):
+        spec = mel(audio[start:start + batch_size])          # (b, F, T)
+        out.append(torch.log(spec + LOG_EPS).transpose(1, 2).contiguous())  # (b, T, F)
+    feats = torch.cat(out).float()
+    return feats[0] if squeeze else feats
+
+
+@functools.lru_cache(maxsize=2)
+def _inverse(device: str, n_iter: int):
+    inv_mel = torchaudio.transforms.InverseMelScale(
+        n_stft=N_FFT // 2 + 1, n_mels=N_MELS, sample_rate=SAMPLE_RATE, f_min=F_MIN, f_max=F_MAX,
+        norm=None, mel_scale="htk").to(device)
+    griffin_lim = torchaudio.transforms.GriffinLim(
+        n_fft=N_FFT, win_length=N_FFT, hop_length=HOP, power=2.0, n_iter=n_iter).to(device)
+    return inv_mel, griffin_lim
+
+
+@torch.no_grad()
+def mel_to_audio(features: torch.Tensor, n_iter: int = 32) -> torch.Tensor:
+    """Listening path (METHOD s1): exp -> inverse mel -> Griffin-Lim (n_fft 2048, hop 256).
+
+    features: (T, 80) or (B, T, 80) log-mel. Returns peak-normalised audio (N,) or (B, N) with
+    N = (T - 1) * 256 samples at 16 kHz.
+    """
+    squeeze = features.dim() == 2
+    if squeeze:
+        features = features[None]
+    inv_mel, griffin_lim = _inverse(str(features.device), n_iter)
+    power_mel = torch.exp(features.float()).transpose(1, 2)           # (B, F, T)
+    # exp(log(x + eps)) leaves eps in silent bins; remove it so silence inverts to silence.
+    power_mel = (power_mel - LOG_EPS).clamp_min(0.0)
+    spec = inv_mel(power_mel)                                          # (B, n_fft/2+1, T)
+    audio = griffin_lim(spec)
+    audio = peak_normalise(audio)
+    return audio[0] if squeeze else audio

@@ -1,0 +1,52 @@
+"""p(x_t | z_t, v): the decoder, Gaussian with mean MLP([z_t ; v]) ('^') or BiLSTM ('><').
+
+z (B, T, Z), v (B, V) broadcast over time -> Normal (B, T, F) with unit scale (the loss uses only
+its mean: plain squared error, METHOD s3).
+
+The frame-wise MLP's first layer on [z_t ; v] is evaluated as W_z z_t + (W_v v + b): identical
+maths, but the v part is computed once per clip, and `decode_many` shares W_z z across several
+v's (the reconstruction and both swaps decode the same z with different v).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Normal
+
+from tsdsae.config import ModelConfig
+from tsdsae.model.layers import MLP, SequenceEncoder
+
+
+class Likelihood(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.likelihood
+        self.z_dim = cfg.z_dim
+        in_dim = cfg.z_dim + cfg.v_dim
+        if self.kind == "^":
+            self.net = MLP(in_dim, cfg.decoder_hidden)
+        else:
+            self.net = SequenceEncoder("><", in_dim, cfg.decoder_hidden)
+        self.out = nn.Linear(self.net.out_dim, cfg.input_dim)
+
+    def decode_many(self, z: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Means for K pairings of the same z: z (B, T, Z), vs (K, B, V) -> (K, B, T, F)."""
+        k, b, _ = vs.shape
+        t = z.shape[1]
+        if self.kind == "^":
+            first: nn.Linear = self.net.layers[0]
+            w_z, w_v = first.weight[:, :self.z_dim], first.weight[:, self.z_dim:]
+            hz = F.linear(z, w_z)                                            # (B, T, H)
+            hv = F.linear(vs, w_v, first.bias)                               # (K, B, H)
+            h = torch.tanh(hz.unsqueeze(0) + hv.unsqueeze(2))                # (K, B, T, H)
+            h = self.net.layers[2:](h)
+            return self.out(h)
+        zz = z.unsqueeze(0).expand(k, -1, -1, -1)
+        zv = torch.cat([zz, vs.unsqueeze(2).expand(-1, -1, t, -1)], dim=-1).reshape(k * b, t, -1)
+        h = self.net(zv, mask.repeat(k, 1))
+        return self.out(h).view(k, b, t, -1)
+
+    def forward(self, z: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> Normal:
+        mean = self.decode_many(z, v.unsqueeze(0), mask)[0]
+        return Normal(mean, torch.ones_like(mean), validate_args=False)

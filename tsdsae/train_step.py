@@ -1,0 +1,65 @@
+"""One optimisation step, pure torch on any device. Used as-is by the single-process trainer and
+by the Ray Train workers (where `model` is the DDP wrapper and `core` the raw DSAE).
+
+No host-device synchronisation happens inside a step: the returned terms are detached device
+tensors that the caller accumulates and reads once per epoch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributions import Normal
+
+from tsdsae.losses import elbo_terms, swap_terms, total_loss
+from tsdsae.model.dsae import DSAE
+from tsdsae.schedule import StagePlan
+
+
+def loss_terms(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, plan: StagePlan,
+               swap_weights=(1.0, 1.0, 1.0, 1.0), v_prior: Normal | None = None,
+               core: DSAE | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward pass and the loss of this stage: returns (loss, named terms).
+
+    x (B, T, F), mask (B, T). `v_prior` is the informed prior for this batch when the caller has
+    it cached; otherwise, when the stage needs it, the frozen snapshot is evaluated here.
+    """
+    core = core if core is not None else getattr(model, "module", model)
+    perm = torch.randperm(x.shape[0], device=x.device) if plan.swaps else None
+    out = model(x, mask, swap_perm=perm)
+    if plan.informed_prior and v_prior is None:
+        v_prior = core.informed_prior(x, mask)
+    terms = elbo_terms(x, mask, out, v_prior if plan.informed_prior else None)
+    if plan.swaps:
+        terms.update(swap_terms(out, mask, perm))
+    loss = total_loss(terms, swap_weights)
+    terms["loss"] = loss
+    return loss, terms
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               mask: torch.Tensor, plan: StagePlan, swap_weights=(1.0, 1.0, 1.0, 1.0),
+               v_prior: Normal | None = None, core: DSAE | None = None
+               ) -> dict[str, torch.Tensor]:
+    """forward, loss, backward, optimiser step. Returns detached terms (device tensors)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, terms = loss_terms(model, x, mask, plan, swap_weights, v_prior, core)
+    loss.backward()
+    optimizer.step()
+    return {k: v.detach() for k, v in terms.items()}
+
+
+@torch.no_grad()
+def eval_step(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, plan: StagePlan,
+              swap_weights=(1.0, 1.0, 1.0, 1.0), v_prior: Normal | None = None,
+              core: DSAE | None = None) -> dict[str, torch.Tensor]:
+    """The same loss without gradients (validation samples too, as in training)."""
+    _, terms = loss_terms(model, x, mask, plan, swap_weights, v_prior, core)
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def build_optimizer(model: DSAE, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                    weight_decay: float = 0.0, amsgrad: bool = False) -> torch.optim.Adam:
+    """Adam over every model parameter in a fixed order. Frozen groups have no gradient, so Adam
+    skips them and keeps their moments; this keeps one optimiser state across the stage switch."""
+    return torch.optim.Adam(list(model.parameters()), lr=lr, betas=betas, eps=eps,
+                            weight_decay=weight_decay, amsgrad=amsgrad)

@@ -1,0 +1,269 @@
+"""Single-process training: epochs, the stage switch, early stopping, checkpoints, resume.
+
+Read top to bottom:
+  1. data: the whole split lives in device memory as tensors (tsdsae.dataset.Split);
+  2. each epoch: its stage plan (tsdsae.schedule.plan, a pure function of the epoch), at the
+     switch the informed-prior snapshot, then reshuffled batches and tsdsae.train_step.train_step;
+  3. validation loss (same objective, sampled) -> early stopping (in the last stage) and the
+     best-validation checkpoint;
+  4. checkpoints every `checkpoint.every` epochs, at each stage end and at the end. A rerun with
+     the same run name resumes from the last one and ends exactly where an uninterrupted run ends.
+
+Choices where METHOD is silent: early stopping and the best checkpoint are tracked within the last
+stage only (a two-stage model's stage-2 loss has extra terms, so a stage-1 loss is not comparable
+and a stage-1 model is not the model being trained); each epoch's batch order and sampling noise
+are derived from (seed, epoch, rank), so resuming at an epoch boundary reproduces the run bitwise.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+from torch.distributions import Normal
+from tqdm.auto import tqdm
+
+from tsdsae import checkpoint, schedule
+from tsdsae.config import DataConfig, RunConfig, to_flat
+from tsdsae.dataset import Dataset, Split
+from tsdsae.model.dsae import DSAE
+from tsdsae.train_step import build_optimizer, eval_step, train_step
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is available; use device=cpu")
+    return torch.device(name)
+
+
+def load_data(cfg: DataConfig) -> Dataset:
+    """'toy' -> the synthetic dataset; anything else -> shards + manifest at that URI."""
+    if cfg.uri == "toy":
+        from tsdsae.toy import make_toy_dataset
+        return make_toy_dataset(cfg.toy_clips, cfg.toy_seconds, cfg.toy_instruments,
+                                seed=cfg.toy_seed)
+    from tsdsae.data import load_dataset
+    return load_dataset(cfg.uri, endpoint_url=cfg.endpoint_url or None)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world_size: int = 1) -> list[torch.Tensor]:
+    """This rank's share of every global batch of one epoch.
+
+    The epoch's order is a permutation drawn from (seed, epoch): reshuffled every epoch, the same
+    for every rank. Each global batch of `batch_size` (the last one may be short) is cut into
+    `world_size` contiguous parts, so results do not depend on the number of workers.
+    """
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    order = torch.randperm(n, generator=g)
+    out = []
+    for start in range(0, n, batch_size):
+        batch = order[start:start + batch_size]
+        part = batch.tensor_split(world_size)[rank]
+        if len(part):
+            out.append(part)
+    return out
+
+
+class PriorCache:
+    """q_snapshot(v | x) for every clip of a split, computed once at the switch: the snapshot is
+    frozen and the inputs are fixed, so its posterior per clip never changes. loc/scale (N, V)."""
+
+    def __init__(self, model: DSAE, split: Split, batch: int = 512):
+        locs, scales = [], []
+        for s in range(0, len(split), batch):
+            q = model.informed_prior(split.features[s:s + batch], split.mask[s:s + batch])
+            locs.append(q.loc)
+            scales.append(q.scale)
+        self.loc, self.scale = torch.cat(locs), torch.cat(scales)
+
+    def __call__(self, index: torch.Tensor) -> Normal:
+        return Normal(self.loc[index], self.scale[index], validate_args=False)
+
+
+class Trainer:
+    """Trains one run. `callbacks` get each epoch's record dict (tracking plugs in here)."""
+
+    def __init__(self, cfg: RunConfig, data: Dataset | None = None,
+                 device: torch.device | str | None = None,
+                 callbacks: list[Callable[[dict], None]] | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device) if device is None else torch.device(device)
+        self.data = data if data is not None else load_data(cfg.data)
+        self.train_split = self.data["train"].to(self.device)
+        self.val_split = self.data["val"].to(self.device)
+        torch.manual_seed(cfg.seed)                        # deterministic initialisation
+        self.model = DSAE(cfg.model).to(self.device)
+        o = cfg.optim
+        self.optimizer = build_optimizer(self.model, o.lr, (o.beta1, o.beta2), o.eps,
+                                         o.weight_decay, o.amsgrad)
+        self.epoch = 0                                     # the next epoch to run
+        self.early = {"best_val": math.inf, "best_epoch": -1, "bad_epochs": 0}
+        self.history: list[dict] = []
+        self.callbacks = callbacks or []
+        self.progress = progress
+        self.prior_cache: dict[str, PriorCache] = {}
+        self.run_dir = f"{cfg.checkpoint.root.rstrip('/')}/{cfg.name}"
+        self.endpoint = cfg.data.endpoint_url or None
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def last_uri(self) -> str:
+        return f"{self.run_dir}/last.pt"
+
+    @property
+    def best_uri(self) -> str:
+        return f"{self.run_dir}/best.pt"
+
+    def state_dict(self) -> dict:
+        return {
+            "config": to_flat(self.cfg),
+            "epoch": self.epoch - 1,
+            "stage": schedule.stage_of(self.cfg.schedule.variant, max(self.epoch - 1, 0),
+                                       self.cfg.schedule.switch_epoch),
+            "model": self.model.state_dict(),
+            "snapshot": self.model.snapshot_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "early": dict(self.early),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.model.load_snapshot_state_dict(state["snapshot"])
+        self.model.to(self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+        self.early = dict(state["early"])
+        self.history = list(state["history"])
+        self.epoch = int(state["epoch"]) + 1
+        self._build_prior_cache()
+
+    def resume(self) -> bool:
+        """Load the run's last checkpoint if there is one. True when resumed."""
+        if not checkpoint.exists(self.last_uri, self.endpoint):
+            return False
+        self.load_state_dict(checkpoint.load(self.last_uri, self.device, self.endpoint))
+        return True
+
+    def save(self, uri: str) -> str:
+        return checkpoint.save(self.state_dict(), uri, self.endpoint)
+
+    # -- the stage switch -----------------------------------------------------------------------
+
+    def _build_prior_cache(self) -> None:
+        self.prior_cache = {}
+        if self.model.has_snapshot:
+            self.prior_cache = {"train": PriorCache(self.model, self.train_split),
+                                "val": PriorCache(self.model, self.val_split)}
+
+    def switch_stage(self) -> None:
+        """Epoch C: snapshot the global encoder (informed prior) and restart early stopping."""
+        if schedule.takes_snapshot(self.cfg.schedule.variant):
+            self.model.take_snapshot()
+        self._build_prior_cache()
+        self.early = {"best_val": math.inf, "best_epoch": -1, "bad_epochs": 0}
+
+    # -- epochs ---------------------------------------------------------------------------------
+
+    def _run_split(self, split: Split, name: str, plan: schedule.StagePlan, epoch: int,
+                   train: bool) -> dict[str, float]:
+        cache = self.prior_cache.get(name) if plan.informed_prior else None
+        sums: dict[str, torch.Tensor] = {}
+        weights = self.cfg.schedule.swap_weights
+        seed = self.cfg.seed + (0 if train else 7)
+        for idx in batch_indices(len(split), self.cfg.optim.batch_size, seed, epoch):
+            idx = idx.to(self.device)
+            x, mask = split.features[idx], split.mask[idx]
+            prior = cache(idx) if cache is not None else None
+            if train:
+                terms = train_step(self.model, self.optimizer, x, mask, plan, weights, prior)
+            else:
+                terms = eval_step(self.model, x, mask, plan, weights, prior)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+        return {k: float(v) / len(split) for k, v in sums.items()}   # one sync per epoch
+
+    def run_epoch(self, epoch: int) -> dict:
+        s = self.cfg.schedule
+        plan = schedule.plan(s.variant, epoch, s.switch_epoch)
+        if plan.stage == 2 and epoch == s.switch_epoch:
+            self.switch_stage()
+        self.model.set_trainable(set(plan.trainable))
+        torch.manual_seed(epoch_seed(self.cfg.seed, epoch))
+        t0 = time.perf_counter()
+        self.model.train()
+        train = self._run_split(self.train_split, "train", plan, epoch, train=True)
+        val = self._run_split(self.val_split, "val", plan, epoch, train=False)
+        record = {"epoch": epoch, "stage": plan.stage, "seconds": time.perf_counter() - t0,
+                  **{f"train_{k}": v for k, v in train.items()},
+                  **{f"val_{k}": v for k, v in val.items()}}
+        improved = False
+        if plan.last_stage:
+            if val["loss"] < self.early["best_val"]:
+                self.early.update(best_val=val["loss"], best_epoch=epoch, bad_epochs=0)
+                improved = True
+            else:
+                self.early["bad_epochs"] += 1
+        record["improved"] = improved
+        self.history.append(record)
+        self.epoch = epoch + 1
+        return record
+
+    def should_stop(self) -> bool:
+        return self.early["bad_epochs"] >= self.cfg.schedule.patience
+
+    def checkpoint_due(self, epoch: int) -> bool:
+        s = self.cfg.schedule
+        stage_end = s.variant != "dsae" and epoch == s.switch_epoch - 1
+        return (epoch + 1) % self.cfg.checkpoint.every == 0 or stage_end
+
+    def fit(self, resume: bool = True, stop_after: int | None = None) -> dict:
+        """Train until max_epochs or early stopping. `stop_after` ends the process-equivalent
+        of an interruption after that many epochs of this call (used to test resuming)."""
+        s = self.cfg.schedule
+        if resume:
+            self.resume()
+        bar = tqdm(total=s.max_epochs, initial=self.epoch, disable=not self.progress,
+                   desc=f"{self.cfg.name} [{s.variant}]", unit="epoch", dynamic_ncols=True)
+        ran = 0
+        stopped_early = self.should_stop()
+        while self.epoch < s.max_epochs and not stopped_early:
+            record = self.run_epoch(self.epoch)
+            if record["improved"]:
+                self.save(self.best_uri)
+            stopped_early = self.should_stop()
+            if self.checkpoint_due(record["epoch"]) or stopped_early or self.epoch == s.max_epochs:
+                self.save(self.last_uri)
+            for cb in self.callbacks:
+                cb(record)
+            bar.update(1)
+            bar.set_postfix(stage=record["stage"], loss=f"{record['train_loss']:.4f}",
+                            recon=f"{record['train_recon']:.4f}",
+                            kl_z=f"{record['train_kl_z']:.4f}", kl_v=f"{record['train_kl_v']:.4f}",
+                            val=f"{record['val_loss']:.4f}")
+            ran += 1
+            if stop_after is not None and ran >= stop_after:
+                break
+        bar.close()
+        return {"epochs_run": self.epoch, "stopped_early": stopped_early,
+                "best_val": self.early["best_val"], "best_epoch": self.early["best_epoch"],
+                "best_checkpoint": self.best_uri, "last_checkpoint": self.last_uri,
+                "finished": stopped_early or self.epoch >= s.max_epochs}
+
+    def best_model(self) -> DSAE:
+        """A fresh model holding the best-validation weights (what gets evaluated)."""
+        state = checkpoint.load(self.best_uri, self.device, self.endpoint)
+        model = DSAE(self.cfg.model).to(self.device)
+        model.load_state_dict(state["model"])
+        model.load_snapshot_state_dict(state["snapshot"])
+        return model.to(self.device)

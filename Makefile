@@ -1,0 +1,25 @@
+# Two commands for a fresh machine:  make run   (set up + main job)   make test   (set up + tests)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup_system.sh
+	bash scripts/setup_system.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m tsdsae.train --preset debug --name debug-toy
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs mlflow.db mlruns results

@@ -133,7 +133,7 @@ class DSAE(nn.Module):
         """Mean of p(x | z, v): z (B, T, Z), v (B, V) -> (B, T, F)."""
         if mask is None:
             mask = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
-        return self.likelihood.decode_many(z, v.unsqueeze(0), mask)[0]
+        return self.likelihood.decode_many(z, v.unsqueeze(0), mask).squeeze(0)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor,
                 swap_perm: torch.Tensor | None = None) -> Outputs:
@@ -156,14 +156,16 @@ class DSAE(nn.Module):
         vs = torch.stack([v, v[swap_perm], v[inv]])                           # (3, B, V)
         means = self.likelihood.decode_many(z, vs, mask)                      # (3, B, T, F)
         b = x.shape[0]
-        x_swap = means[1:].reshape(2 * b, *means.shape[2:])                   # (2B, T, F)
+        # split (not indexing): its backward concatenates instead of zero-filling (3, B, T, F)
+        x_mean, x_swap = means.split([1, 2])
+        x_swap = x_swap.reshape(2 * b, *means.shape[2:])                      # (2B, T, F)
         mask2 = mask.repeat(2, 1)
         qv_swap = self.v_posterior(x_swap, mask2)
         # Only an autoregressive or v-conditioned posterior needs the re-encoding's samples.
         needs_sample = self.cfg.z_posterior != "x" or self.cfg.v_condition
         v_swap = qv_swap.rsample() if self.cfg.v_condition else None
         qz_swap, _ = self.z_posterior(x_swap, mask2, v_swap, sample=needs_sample)
-        return Outputs(qv, v, qz, z, pz, means[0], qv_swap, qz_swap)
+        return Outputs(qv, v, qz, z, pz, x_mean.squeeze(0), qv_swap, qz_swap)
 
     # -- disentanglement probes (posterior means) ---------------------------------------------
 

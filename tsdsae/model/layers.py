@@ -12,6 +12,37 @@ def normal(mean: torch.Tensor, logvar: torch.Tensor) -> Normal:
     return Normal(mean, torch.exp(0.5 * logvar), validate_args=False)
 
 
+class _Tanh(torch.autograd.Function):
+    """tanh computed as 2 sigmoid(2x) - 1.
+
+    The same function up to float rounding (absolute difference <= 1.2e-7), but on CPU torch's
+    sigmoid kernel is about 10x faster than its tanh kernel, and tanh is the largest elementwise
+    cost of a step. The backward is the usual (1 - y^2) g.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.sigmoid(2.0 * x).mul_(2.0).sub_(1.0)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu":
+        return _Tanh.apply(x)
+    return torch.tanh(x)     # elsewhere the native kernel is fast and fusable
+
+
+class Tanh(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tanh(x)
+
+
 class MLP(nn.Module):
     """Linear -> tanh for every hidden size (including the last hidden one), as in the paper."""
 
@@ -19,7 +50,7 @@ class MLP(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for h in hidden:
-            layers += [nn.Linear(in_dim, h), nn.Tanh()]
+            layers += [nn.Linear(in_dim, h), Tanh()]
             in_dim = h
         self.layers = nn.Sequential(*layers)
         self.out_dim = in_dim
@@ -37,13 +68,20 @@ class GaussianHead(nn.Module):
         self.logvar = nn.Linear(in_dim, out_dim)
 
     def forward(self, h: torch.Tensor) -> Normal:
-        return normal(self.mean(h), self.logvar(h))
+        return normal(*self.mean_logvar(h))
+
+    def mean_logvar(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # both heads in one GEMM (same parameters, one pass over h)
+        w = torch.cat([self.mean.weight, self.logvar.weight])
+        b = torch.cat([self.mean.bias, self.logvar.bias])
+        return torch.nn.functional.linear(h, w, b).chunk(2, dim=-1)
 
 
 def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over valid frames: h (B, T, H), mask (B, T) bool -> (B, H)."""
-    m = mask.unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    m = mask.to(h.dtype)
+    # a batched matmul (B, 1, T) @ (B, T, H): no (B, T, H) temporary for h * m
+    return torch.bmm(m.unsqueeze(1), h).squeeze(1) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import MLP, SequenceEncoder
+from tsdsae.model.layers import MLP, SequenceEncoder, tanh
 
 
 class Likelihood(nn.Module):
@@ -39,7 +39,7 @@ class Likelihood(nn.Module):
             w_z, w_v = first.weight[:, :self.z_dim], first.weight[:, self.z_dim:]
             hz = F.linear(z, w_z)                                            # (B, T, H)
             hv = F.linear(vs, w_v, first.bias)                               # (K, B, H)
-            h = torch.tanh(hz.unsqueeze(0) + hv.unsqueeze(2))                # (K, B, T, H)
+            h = tanh(hz.unsqueeze(0) + hv.unsqueeze(2))                      # (K, B, T, H)
             h = self.net.layers[2:](h)
             return self.out(h)
         zz = z.unsqueeze(0).expand(k, -1, -1, -1)

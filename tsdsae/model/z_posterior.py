@@ -64,7 +64,7 @@ class ZPosterior(nn.Module):
                 for i, cell in enumerate(self.cells):
                     state[i] = cell(h, state[i])
                     h = state[i][0]
-            mean, logvar = self.head.mean(h), self.head.logvar(h)
+            mean, logvar = self.head.mean_logvar(h)
             z_prev = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample else mean
             means.append(mean)
             logvars.append(logvar)

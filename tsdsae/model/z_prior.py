@@ -32,6 +32,6 @@ class ZPrior(nn.Module):
             zeros = torch.zeros_like(z)
             return normal(zeros, zeros)
         h = self.net(z[:, :-1])                                              # (B, T-1, H)
-        mean, logvar = self.head.mean(h), self.head.logvar(h)
+        mean, logvar = self.head.mean_logvar(h)
         first = mean.new_zeros(z.shape[0], 1, z.shape[2])                    # p(z_1) = N(0, I)
         return normal(torch.cat([first, mean], 1), torch.cat([first, logvar], 1))

@@ -34,6 +34,7 @@ SOUNDFONT_CANDIDATES = (
     "/usr/share/soundfonts/MuseScore_General.sf3",
     "/usr/share/soundfonts/MuseScore_General.sf2",
 )
+SOUNDFONT_SEARCH_DIRS = ("/usr/share/sounds", "/usr/share/soundfonts", "/usr/local/share/soundfonts")
 
 
 class RenderError(RuntimeError):
@@ -60,8 +61,7 @@ def find_soundfont(path: str | os.PathLike | None = None) -> Path:
             raise RenderError(f"soundfont {found} does not exist; pass an existing .sf2/.sf3 file")
         return found.resolve()
     candidates = [Path(p) for p in SOUNDFONT_CANDIDATES]
-    for root in (Path("/usr/share/sounds"), Path("/usr/share/soundfonts"),
-                 Path("/usr/local/share/soundfonts")):
+    for root in map(Path, SOUNDFONT_SEARCH_DIRS):
         if root.is_dir():
             candidates += sorted(root.rglob("MuseScore_General*.sf[23]"))
     for candidate in candidates:

@@ -53,3 +53,18 @@ def s3_server():
             yield S3Server(endpoint_url=f"http://127.0.0.1:{port}", port=port)
         finally:
             server.stop()
+
+
+# A real, tiny dMelodies dataset: 16 FluidSynth-rendered clips, 4 per shard (3 train + 1 val).
+SMALL_DMELODIES = dict(n_clips=16, seed=3, samples_per_shard=4, fractions=(0.75, 0.25, 0.0),
+                       render_batch=4, workers=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_dmelodies(tmp_path_factory):
+    """Path of a prepared SMALL_DMELODIES dataset; read-only (copy it before corrupting)."""
+    from data_prep.dmelodies import prepare_dmelodies
+
+    out = tmp_path_factory.mktemp("dmelodies") / "small"
+    prepare_dmelodies(str(out), **SMALL_DMELODIES)
+    return out

@@ -1,0 +1,1 @@
+"""Ray Tune robustness sweeps over tsdsae configurations, and their reports."""

@@ -199,7 +199,7 @@ def _existing_shard(store: Store, task: ShardTask, core: dict) -> dict | None:
         return None
     try:
         keys = [check_sample(raw, core, task.name, decode_audio=True)["key"]
-                for raw in iter_shard_samples(io.BytesIO(data), None, task.name)]
+                for raw in iter_shard_samples(data, None, task.name)]
     except ShardError:
         return None
     if keys != [item["key"] for item in task.items]:

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
@@ -120,6 +121,29 @@ class DSAE(nn.Module):
 
     # -- passes --------------------------------------------------------------------------------
 
+    # With the paper's frame-wise MLP encoders (and MLP likelihood), re-encoding a swap
+    # decode(z, v) = W_out h + b_out needs only each encoder's first layer of it:
+    #   W_enc (W_out h + b_out) + b_enc = (W_enc W_out) h + (W_enc b_out + b_enc),
+    # so the decoder's output layer is folded into the encoders' first layers and the swapped
+    # spectrograms (2B, T, F) are never materialised. Same parameters and maths (up to float
+    # rounding); other options take the generic path.
+
+    @property
+    def _fused_encoders(self) -> bool:
+        return self.cfg.v_posterior == "^" and self.cfg.z_feature == "^"
+
+    def _reencode_decoded(self, h: torch.Tensor, mask: torch.Tensor, sample: bool,
+                          v_sample: bool) -> tuple[Normal, Normal]:
+        """q(v | x), q(z | x) of x = likelihood.out(h), from the decoder's last hidden h."""
+        out = self.likelihood.out
+        pre = []
+        for first in (self.v_posterior.encoder.mlp.first, self.z_posterior.features.mlp.first):
+            pre.append(F.linear(h, first.weight @ out.weight, first.weight @ out.bias + first.bias))
+        qv = self.v_posterior.from_first(pre[0], mask)
+        v = qv.rsample() if v_sample else None
+        qz, _ = self.z_posterior.from_first(pre[1], v, sample=sample)
+        return qv, qz
+
     def encode(self, x: torch.Tensor, mask: torch.Tensor, sample: bool = True
                ) -> tuple[Normal, torch.Tensor, Normal, torch.Tensor]:
         """q(v | x), v, q(z | x, v), z: samples when `sample`, else posterior means."""
@@ -154,15 +178,23 @@ class DSAE(nn.Module):
         inv = torch.empty_like(swap_perm)
         inv[swap_perm] = torch.arange(swap_perm.numel(), device=swap_perm.device)
         vs = torch.stack([v, v[swap_perm], v[inv]])                           # (3, B, V)
-        means = self.likelihood.decode_many(z, vs, mask)                      # (3, B, T, F)
         b = x.shape[0]
+        mask2 = mask.repeat(2, 1)
+        # Only an autoregressive or v-conditioned posterior needs the re-encoding's samples.
+        needs_sample = self.cfg.z_posterior != "x" or self.cfg.v_condition
+        if self._fused_encoders and self.cfg.likelihood == "^":
+            hidden = self.likelihood.hidden_many(z, vs)                       # (3, B, T, H)
+            h_main, h_swap = hidden.split([1, 2])
+            x_mean = self.likelihood.out(h_main.squeeze(0))                   # (B, T, F)
+            qv_swap, qz_swap = self._reencode_decoded(
+                h_swap.reshape(2 * b, *h_swap.shape[2:]), mask2, needs_sample,
+                self.cfg.v_condition)
+            return Outputs(qv, v, qz, z, pz, x_mean, qv_swap, qz_swap)
+        means = self.likelihood.decode_many(z, vs, mask)                      # (3, B, T, F)
         # split (not indexing): its backward concatenates instead of zero-filling (3, B, T, F)
         x_mean, x_swap = means.split([1, 2])
         x_swap = x_swap.reshape(2 * b, *means.shape[2:])                      # (2B, T, F)
-        mask2 = mask.repeat(2, 1)
         qv_swap = self.v_posterior(x_swap, mask2)
-        # Only an autoregressive or v-conditioned posterior needs the re-encoding's samples.
-        needs_sample = self.cfg.z_posterior != "x" or self.cfg.v_condition
         v_swap = qv_swap.rsample() if self.cfg.v_condition else None
         qz_swap, _ = self.z_posterior(x_swap, mask2, v_swap, sample=needs_sample)
         return Outputs(qv, v, qz, z, pz, x_mean.squeeze(0), qv_swap, qz_swap)

@@ -12,6 +12,9 @@ def normal(mean: torch.Tensor, logvar: torch.Tensor) -> Normal:
     return Normal(mean, torch.exp(0.5 * logvar), validate_args=False)
 
 
+_MINUS_ONE = torch.tensor(-1.0)
+
+
 class _Tanh(torch.autograd.Function):
     """tanh computed as 2 sigmoid(2x) - 1.
 
@@ -22,7 +25,8 @@ class _Tanh(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        y = torch.sigmoid(2.0 * x).mul_(2.0).sub_(1.0)
+        # -1 + 2 * sigmoid(2x): three single passes over memory (scale, sigmoid, affine)
+        y = torch.add(_MINUS_ONE, torch.sigmoid(x * 2.0), alpha=2.0)
         ctx.save_for_backward(y)
         return y
 
@@ -33,7 +37,7 @@ class _Tanh(torch.autograd.Function):
 
 
 def tanh(x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and x.dtype == torch.float32:
         return _Tanh.apply(x)
     return torch.tanh(x)     # elsewhere the native kernel is fast and fusable
 
@@ -57,6 +61,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    @property
+    def first(self) -> nn.Linear:
+        return self.layers[0]
+
+    def tail(self, pre: torch.Tensor) -> torch.Tensor:
+        """The MLP given its first Linear's output (pre-activation): tanh, then the rest."""
+        return self.layers[2:](tanh(pre))
 
 
 class GaussianHead(nn.Module):

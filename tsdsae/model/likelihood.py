@@ -30,18 +30,21 @@ class Likelihood(nn.Module):
             self.net = SequenceEncoder("><", in_dim, cfg.decoder_hidden)
         self.out = nn.Linear(self.net.out_dim, cfg.input_dim)
 
+    def hidden_many(self, z: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+        """Last hidden layer of the frame-wise MLP for K pairings of the same z:
+        z (B, T, Z), vs (K, B, V) -> (K, B, T, H). Means are `self.out` of it."""
+        first: nn.Linear = self.net.first
+        w_z, w_v = first.weight[:, :self.z_dim], first.weight[:, self.z_dim:]
+        hz = F.linear(z, w_z)                                                # (B, T, H)
+        hv = F.linear(vs, w_v, first.bias)                                   # (K, B, H)
+        return self.net.tail(hz.unsqueeze(0) + hv.unsqueeze(2))             # (K, B, T, H)
+
     def decode_many(self, z: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Means for K pairings of the same z: z (B, T, Z), vs (K, B, V) -> (K, B, T, F)."""
         k, b, _ = vs.shape
         t = z.shape[1]
         if self.kind == "^":
-            first: nn.Linear = self.net.layers[0]
-            w_z, w_v = first.weight[:, :self.z_dim], first.weight[:, self.z_dim:]
-            hz = F.linear(z, w_z)                                            # (B, T, H)
-            hv = F.linear(vs, w_v, first.bias)                               # (K, B, H)
-            h = tanh(hz.unsqueeze(0) + hv.unsqueeze(2))                      # (K, B, T, H)
-            h = self.net.layers[2:](h)
-            return self.out(h)
+            return self.out(self.hidden_many(z, vs))
         zz = z.unsqueeze(0).expand(k, -1, -1, -1)
         zv = torch.cat([zz, vs.unsqueeze(2).expand(-1, -1, t, -1)], dim=-1).reshape(k * b, t, -1)
         h = self.net(zv, mask.repeat(k, 1))

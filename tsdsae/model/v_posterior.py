@@ -23,3 +23,7 @@ class VPosterior(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> Normal:
         return self.head(masked_mean(self.encoder(x, mask), mask))
+
+    def from_first(self, pre: torch.Tensor, mask: torch.Tensor) -> Normal:
+        """The same posterior given the frame MLP's first-layer output (B, T, H) (MLP option)."""
+        return self.head(masked_mean(self.encoder.mlp.tail(pre), mask))

@@ -40,7 +40,15 @@ class ZPosterior(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, v: torch.Tensor | None = None,
                 sample: bool = True) -> tuple[Normal, torch.Tensor]:
-        feat = self.features(x, mask)                                        # (B, T, H)
+        return self.from_features(self.features(x, mask), v, sample)
+
+    def from_first(self, pre: torch.Tensor, v: torch.Tensor | None = None, sample: bool = True
+                   ) -> tuple[Normal, torch.Tensor]:
+        """The same posterior given the feature MLP's first-layer output (B, T, H) (MLP option)."""
+        return self.from_features(self.features.mlp.tail(pre), v, sample)
+
+    def from_features(self, feat: torch.Tensor, v: torch.Tensor | None, sample: bool
+                      ) -> tuple[Normal, torch.Tensor]:
         if self.v_condition:
             feat = torch.cat([feat, v.unsqueeze(1).expand(-1, feat.shape[1], -1)], dim=-1)
         if self.kind == "x":

@@ -2,7 +2,11 @@
 
     python -m tsdsae.train --preset debug
     python -m tsdsae.train --data data/dmelodies --model ts_dsae schedule.max_epochs=500
+    python -m tsdsae.train --data s3://bucket/dmelodies --model ts_dsae --num-workers 2 [--use-gpu]
 Trailing arguments are dotted config overrides (optim.lr=3e-4 model.z_dim=16 ...).
+With --num-workers the run trains on Ray (tsdsae.ray_train: one DDP job per stage), on the
+cluster at --address / RAY_ADDRESS or on a local Ray started here. Either way the run is tracked
+in MLflow when tracking.enabled (tsdsae.tracking), and rerunning with the same name resumes it.
 """
 from __future__ import annotations
 
@@ -29,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = p.add_argument_group("Ray Train (data-parallel workers; one DDP job per stage)")
+    ray.add_argument("--num-workers", type=int, metavar="N",
+                     help="train on Ray with N workers (default: single process, no Ray)")
+    ray.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0,
+                     help="Ray CPUs reserved per worker (default 1; torch threads follow it)")
+    ray.add_argument("--max-failures", type=int, default=3,
+                     help="worker-group restarts per stage before the run fails (default 3)")
+    ray.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a "
+                     "local Ray started here)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return p
 
@@ -54,21 +68,76 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if args.num_workers is not None:
+            from tsdsae.ray_train import driver_config, split_config
+            options = driver_config(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                    cpus_per_worker=args.cpus_per_worker,
+                                    max_failures=args.max_failures, evaluate=not args.no_eval)
+            split_config(options)                        # bad values: exit 2 before Ray starts
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.num_workers is not None:
+        summary = _train_on_ray(cfg, options, args)
+    else:
+        summary = _train_here(cfg, args)
+    print(json.dumps(summary))
+    return 0
+
+
+def _train_here(cfg, args) -> dict:
+    """Single process: tsdsae.trainer.Trainer, with the tracker as its epoch callback."""
+    from tsdsae import tracking
     from tsdsae.evaluate import evaluate
+    from tsdsae.ray_train import configure_device
     from tsdsae.trainer import Trainer
 
     trainer = Trainer(cfg, progress=not args.quiet)
-    result = trainer.fit(resume=not args.no_resume)
-    summary = {k: result[k] for k in ("epochs_run", "stopped_early", "best_epoch", "best_val",
-                                      "best_checkpoint")}
-    if not args.no_eval:
-        summary["eval"] = evaluate(trainer.best_model(), trainer.data, cfg.data.eval_split,
-                                   device=trainer.device)
-    print(json.dumps(summary))
-    return 0
+    configure_device(trainer.device)
+    tracker = tracking.start_run(cfg, tracking.run_key(trainer.run_dir),
+                                 resume=not args.no_resume, tags={"tsdsae.run_dir": trainer.run_dir})
+    trainer.callbacks.append(tracker)
+    try:
+        result = trainer.fit(resume=not args.no_resume)
+        summary = {k: result[k] for k in ("epochs_run", "stopped_early", "best_epoch", "best_val",
+                                          "best_checkpoint")}
+        if not args.no_eval:
+            best = trainer.best_model()
+            summary["eval"] = evaluate(best, trainer.data, cfg.data.eval_split,
+                                       device=trainer.device)
+            tracking.log_final(tracker, best, trainer.data, summary["eval"],
+                               trainer.best_uri, trainer.endpoint, cfg.data.eval_split,
+                               step=max(result["best_epoch"], 0),
+                               summary={k: result[k] for k in ("best_val", "best_epoch",
+                                                               "epochs_run")})
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    if tracker.run_id:
+        summary.update(mlflow_run_id=tracker.run_id, tracking_uri=tracker.uri)
+    return summary
+
+
+def _train_on_ray(cfg, options: dict, args) -> dict:
+    """Every stage as a Ray Train DDP job (tsdsae.ray_train.train_driver_fn)."""
+    import ray
+
+    from tsdsae.ray_train import run_dir, runtime_env, train_driver_fn
+    from tsdsae.storage import open_store
+
+    location = run_dir(cfg)
+    if args.no_resume and open_store(location, cfg.data.endpoint_url or None).list():
+        print(f"error: {location} already holds a run; --no-resume with Ray needs a new --name "
+              "(or delete that run)", file=sys.stderr)
+        raise SystemExit(2)
+    if not ray.is_initialized():
+        ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=not args.quiet)
+    summary = train_driver_fn(options)
+    print(f"results: checkpoints in {summary['run_dir']} (best: {summary['best_checkpoint']})"
+          + (f"; MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']}"
+             if summary.get("mlflow_run_id") else ""))
+    return summary
 
 
 if __name__ == "__main__":

@@ -53,23 +53,27 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
 
 
-def batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1) -> list[torch.Tensor]:
-    """This rank's share of every global batch of one epoch.
+def batch_parts(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                world_size: int = 1) -> list[tuple[torch.Tensor, int]]:
+    """This rank's part of every global batch of one epoch, with the global batch's size.
 
     The epoch's order is a permutation drawn from (seed, epoch): reshuffled every epoch, the same
     for every rank. Each global batch of `batch_size` (the last one may be short) is cut into
-    `world_size` contiguous parts, so results do not depend on the number of workers.
+    `world_size` contiguous parts, so results do not depend on the number of workers. A part may
+    be empty (a last batch shorter than world_size); every rank still gets one entry per batch,
+    which keeps the ranks' collective calls in step.
     """
     g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     order = torch.randperm(n, generator=g)
-    out = []
-    for start in range(0, n, batch_size):
-        batch = order[start:start + batch_size]
-        part = batch.tensor_split(world_size)[rank]
-        if len(part):
-            out.append(part)
-    return out
+    return [(batch.tensor_split(world_size)[rank], len(batch))
+            for batch in order.split(batch_size)]
+
+
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world_size: int = 1) -> list[torch.Tensor]:
+    """The non-empty parts of `batch_parts`: this rank's share of every global batch."""
+    return [part for part, _ in batch_parts(n, batch_size, seed, epoch, rank, world_size)
+            if len(part)]
 
 
 class PriorCache:
@@ -89,18 +93,27 @@ class PriorCache:
 
 
 class Trainer:
-    """Trains one run. `callbacks` get each epoch's record dict (tracking plugs in here)."""
+    """Trains one run. `callbacks` get each epoch's record dict (tracking plugs in here).
+
+    `rank` / `world_size` make it one data-parallel rank (tsdsae.ray_train): each rank trains on
+    its part of every global batch through `step_model` (there, the DDP wrapper of `model`), and
+    `_sum_across_ranks` / `_before_train_step` are the seams a distributed subclass fills in.
+    """
 
     def __init__(self, cfg: RunConfig, data: Dataset | None = None,
                  device: torch.device | str | None = None,
-                 callbacks: list[Callable[[dict], None]] | None = None, progress: bool = True):
+                 callbacks: list[Callable[[dict], None]] | None = None, progress: bool = True,
+                 rank: int = 0, world_size: int = 1):
         self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
         self.device = resolve_device(cfg.device) if device is None else torch.device(device)
         self.data = data if data is not None else load_data(cfg.data)
         self.train_split = self.data["train"].to(self.device)
         self.val_split = self.data["val"].to(self.device)
         torch.manual_seed(cfg.seed)                        # deterministic initialisation
         self.model = DSAE(cfg.model).to(self.device)
+        self.step_model: torch.nn.Module = self.model      # what train_step runs
+        self.stage: int | None = None                      # the stage whose trainable set is on
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, (o.beta1, o.beta2), o.eps,
                                          o.weight_decay, o.amsgrad)
@@ -146,6 +159,7 @@ class Trainer:
         self.early = dict(state["early"])
         self.history = list(state["history"])
         self.epoch = int(state["epoch"]) + 1
+        self.stage = None              # requires_grad is not in the state: set on the next epoch
         self._build_prior_cache()
 
     def resume(self) -> bool:
@@ -173,6 +187,19 @@ class Trainer:
         self._build_prior_cache()
         self.early = {"best_val": math.inf, "best_epoch": -1, "bad_epochs": 0}
 
+    def prepare_epoch(self, epoch: int) -> schedule.StagePlan:
+        """The plan of `epoch`; on entering a stage, the switch (at epoch C) and the stage's
+        trainable set. Within a stage nothing changes, so a DDP wrapper built after the first
+        call of a stage never sees requires_grad flip."""
+        s = self.cfg.schedule
+        plan = schedule.plan(s.variant, epoch, s.switch_epoch)
+        if plan.stage != self.stage:
+            if plan.stage == 2 and epoch == s.switch_epoch:
+                self.switch_stage()
+            self.model.set_trainable(set(plan.trainable))
+            self.stage = plan.stage
+        return plan
+
     # -- epochs ---------------------------------------------------------------------------------
 
     def _run_split(self, split: Split, name: str, plan: schedule.StagePlan, epoch: int,
@@ -181,25 +208,40 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         weights = self.cfg.schedule.swap_weights
         seed = self.cfg.seed + (0 if train else 7)
-        for idx in batch_indices(len(split), self.cfg.optim.batch_size, seed, epoch):
+        parts = batch_parts(len(split), self.cfg.optim.batch_size, seed, epoch, self.rank,
+                            self.world_size)
+        for idx, batch_size in parts:
+            count = len(idx)
+            if count == 0:
+                # An empty part (a last batch shorter than world_size) still joins the gradient
+                # all-reduce and yields every term: one stand-in clip, weighted by 0.
+                idx = torch.zeros(1, dtype=torch.long)
             idx = idx.to(self.device)
             x, mask = split.features[idx], split.mask[idx]
             prior = cache(idx) if cache is not None else None
             if train:
-                terms = train_step(self.model, self.optimizer, x, mask, plan, weights, prior)
+                self._before_train_step(count / batch_size)
+                terms = train_step(self.step_model, self.optimizer, x, mask, plan, weights, prior,
+                                   core=self.model)
             else:
                 terms = eval_step(self.model, x, mask, plan, weights, prior)
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v * len(idx)
-        return {k: float(v) / len(split) for k, v in sums.items()}   # one sync per epoch
+                sums[k] = sums.get(k, 0.0) + v * count
+        names = sorted(sums)
+        totals = self._sum_across_ranks(torch.stack([torch.as_tensor(sums[k]) for k in names]))
+        return {k: float(v) / len(split) for k, v in zip(names, totals)}   # one sync per epoch
+
+    def _before_train_step(self, share: float) -> None:
+        """Called before each training step with this rank's share of the global batch."""
+
+    def _sum_across_ranks(self, totals: torch.Tensor) -> torch.Tensor:
+        """Per-rank sums (K,) -> sums over all ranks; one process holds them all already."""
+        return totals
 
     def run_epoch(self, epoch: int) -> dict:
-        s = self.cfg.schedule
-        plan = schedule.plan(s.variant, epoch, s.switch_epoch)
-        if plan.stage == 2 and epoch == s.switch_epoch:
-            self.switch_stage()
-        self.model.set_trainable(set(plan.trainable))
-        torch.manual_seed(epoch_seed(self.cfg.seed, epoch))
+        plan = self.prepare_epoch(epoch)
+        # Sampling noise per (seed, epoch, rank): a resumed epoch repeats bitwise.
+        torch.manual_seed(epoch_seed(self.cfg.seed, epoch, self.rank))
         t0 = time.perf_counter()
         self.model.train()
         train = self._run_split(self.train_split, "train", plan, epoch, train=True)

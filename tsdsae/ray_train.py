@@ -1,0 +1,450 @@
+"""Ray Train: the single-process trainer's step inside Ray workers, one DDP job per stage.
+
+Functions are named by the process they run in (Ray's Train/Tune interop pattern):
+
+    train_loop_per_worker(config)   every worker: one stage's epochs on its part of each global
+                                    batch (tsdsae.trainer.Trainer as one rank, DDP between ranks)
+    train_driver_fn(config)         the driver: one TorchTrainer per stage, in order, then the
+                                    evaluation of the best checkpoint; returns the run's summary
+    tune/ (next)                    a Ray Tune Tuner over train_driver_fn
+
+1. Data: every worker loads the dataset (tsdsae.data / toy) and trains on its part of every
+   global batch (tsdsae.trainer.batch_parts): the paper's batch of 128 is split across the
+   workers, and each rank's gradient is weighted by its share of the batch before the sum, so
+   the update is the gradient of the global batch's mean loss whatever the number of workers.
+2. One DDP job per stage. Stage 1 trains the global encoder and the decoder. Stage 2 starts from
+   stage 1's last checkpoint, takes the informed-prior snapshot, sets the stage-2 trainable set,
+   and only then wraps the model in a fresh DDP; requires_grad never changes under a DDP wrapper.
+   DSAE (one stage) is one job.
+3. Checkpoints: rank 0 writes, every rank reports (ray.train.report is a barrier). One every
+   `checkpoint.every` epochs and at each stage end; a retried worker group resumes from
+   ray.train.get_checkpoint() (model, snapshot, optimiser, RNG, early stopping, history).
+4. Tracking: the driver opens the MLflow run (tsdsae.tracking), rank 0 logs each epoch, the
+   driver logs the evaluation, a reconstruction PNG and the best checkpoint.
+
+Layout under `checkpoint.root/name` (a local folder or s3://bucket/prefix):
+    stage_1/ stage_2/        Ray Train runs: epoch_NNNNNN/state.pt checkpoints and Ray's snapshot
+    stage_1.json ...         written when a stage's job has finished: its last checkpoint
+    best.pt                  the best-validation checkpoint of the last stage (rank 0 writes it)
+    result.json              the summary of a finished run
+A rerun with the same name skips finished stages, lets Ray resume an unfinished one, and returns
+the stored summary when the run is complete.
+
+Driver keys (besides dotted tsdsae.config keys, applied over `preset`, or a whole `run_config`):
+see RayOptions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from tsdsae import checkpoint, schedule, tracking
+from tsdsae.config import PRESETS, RunConfig, apply_overrides
+from tsdsae.storage import open_store, pyarrow_filesystem, resolve_endpoint
+from tsdsae.trainer import Trainer, load_data
+
+STATE_FILE = "state.pt"
+FAULT_ENV = "TSDSAE_FAULT_INJECTION"
+
+
+# ---------------------------------------------------------------------------------------------
+# Options of the driver
+
+
+@dataclasses.dataclass(frozen=True)
+class RayOptions:
+    """How the driver runs a training on Ray. Not part of the model's configuration, so neither
+    an MLflow param nor a checkpoint field.
+
+    num_workers      data-parallel workers (DDP ranks)
+    use_gpu          one GPU per worker (NCCL); else CPU workers (gloo)
+    cpus_per_worker  Ray CPU resources per worker (fractions let 2 workers share 1 CPU)
+    threads          torch threads per worker; 0 = max(1, int(cpus_per_worker))
+    max_failures     worker-group restarts per stage job (FailureConfig); -1 = unlimited
+    parent_run_id    MLflow run to nest this run's run under (a sweep's run)
+    evaluate         evaluate the best checkpoint and log it at the end
+    keep_checkpoints Ray checkpoints kept per stage (the latest is always kept)
+    fault_injection  test hook: ({"rank": r, "epoch": e, "marker": path}, ...) raises once on
+                     rank r after epoch e; the marker file makes it fire only once. Also read
+                     from the TSDSAE_FAULT_INJECTION environment variable (JSON list).
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads: int = 0
+    max_failures: int = 3
+    parent_run_id: str = ""
+    evaluate: bool = True
+    keep_checkpoints: int = 2
+    fault_injection: tuple = ()
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers={self.num_workers} must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker={self.cpus_per_worker} must be > 0")
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} must be >= 0 (0 = from cpus_per_worker)")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures={self.max_failures} must be >= -1 (-1 = unlimited)")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        for fault in self.fault_injection:
+            if not {"rank", "epoch", "marker"} <= set(fault):
+                raise ValueError(f"fault_injection entry {fault!r} needs rank, epoch and marker")
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or max(1, int(self.cpus_per_worker))
+
+
+OPTION_KEYS = tuple(f.name for f in dataclasses.fields(RayOptions))
+
+
+def split_config(config: Mapping[str, Any]) -> tuple[RunConfig, RayOptions]:
+    """A driver config -> (RunConfig, RayOptions).
+
+    `config` holds RayOptions keys, optionally "run_config" (a RunConfig) or "preset" (a name in
+    tsdsae.config.PRESETS, default "paper") as the base, and dotted config keys applied over it
+    (the form of a Tune param space).
+    """
+    config = dict(config)
+    base = config.pop("run_config", None)
+    preset = config.pop("preset", "paper")
+    if base is None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset={preset!r}: choose one of {sorted(PRESETS)}")
+        base = PRESETS[preset]()
+    options = {k: config.pop(k) for k in OPTION_KEYS if k in config}
+    faults = options.get("fault_injection") or json.loads(os.environ.get(FAULT_ENV, "[]"))
+    options["fault_injection"] = tuple(dict(f) for f in faults)
+    if options.get("parent_run_id") is None:
+        options["parent_run_id"] = ""
+    return apply_overrides(base, config), RayOptions(**options)
+
+
+def run_dir(cfg: RunConfig) -> str:
+    """The run's location: absolute `checkpoint.root/name` (a path or an s3:// URI)."""
+    return open_store(f"{cfg.checkpoint.root.rstrip('/')}/{cfg.name}").uri
+
+
+def runtime_env() -> dict:
+    """The job-level Ray runtime_env for `ray.init`: when tsdsae runs from a source checkout
+    rather than an installed package, its root goes on the workers' PYTHONPATH (Ray's workers
+    and the Train controller unpickle tsdsae objects and need to import it)."""
+    import tsdsae
+
+    root = str(Path(tsdsae.__file__).resolve().parents[1])
+    if "site-packages" in root or "dist-packages" in root:
+        return {}
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+class InjectedFault(RuntimeError):
+    """The failure a fault_injection entry raises (a test of surviving worker failure)."""
+
+
+def _maybe_fail(faults, rank: int, epoch: int) -> None:
+    for fault in faults:
+        if int(fault["rank"]) != rank or int(fault["epoch"]) != epoch:
+            continue
+        try:
+            with open(fault["marker"], "x") as f:        # "x": only the first attempt fires
+                f.write(f"rank {rank} failed after epoch {epoch} at {time.time()}\n")
+        except FileExistsError:
+            continue
+        raise InjectedFault(f"injected failure on rank {rank} after epoch {epoch}")
+
+
+class _Share:
+    """This rank's share of the current global batch (the DDP comm hook's state)."""
+
+    def __init__(self, world_size: int):
+        self.weight = 1.0 / world_size
+
+
+def _weighted_sum_hook(share: _Share, bucket):
+    """DDP comm hook: sum over ranks of share_r * grad_r, i.e. the gradient of the global batch's
+    mean loss even when the parts differ in size (DDP's default is the plain mean over ranks)."""
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    buffer.mul_(share.weight)
+    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+class RankTrainer(Trainer):
+    """tsdsae.trainer.Trainer as one DDP rank: batch shares, a weighted gradient all-reduce and
+    epoch sums across ranks. `wrap()` builds the DDP wrapper once the stage's trainable set is on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._share = _Share(self.world_size)
+
+    def wrap(self) -> None:
+        if self.world_size == 1:
+            self.step_model = self.model        # a world of one: nothing to synchronise
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # DDP registers exactly the parameters that require grad now: this stage's set.
+        ddp = DistributedDataParallel(self.model, device_ids=ids)
+        ddp.register_comm_hook(self._share, _weighted_sum_hook)
+        self.step_model = ddp
+
+    def _before_train_step(self, share: float) -> None:
+        self._share.weight = share
+
+    def _sum_across_ranks(self, totals: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return totals
+        import torch.distributed as dist
+
+        totals = totals.detach().clone()
+        dist.all_reduce(totals)
+        return totals
+
+
+def configure_device(device: torch.device) -> None:
+    """GPU: TF32 matmuls and convolutions. Their rounding (about 1e-3 relative) is far below the
+    sampling noise of the objective; AMP is not used because the KL terms (variance ratios and
+    logs of small scales, KL_v near 1e-3) are where half precision would change results."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def _load_worker_data(cfg: RunConfig, device: torch.device):
+    data = load_data(cfg.data)
+    if device.type == "cuda":
+        # Pinned host memory: the one host-to-device copy of each split is a fast DMA.
+        for split in data.splits.values():
+            split.features, split.mask = split.features.pin_memory(), split.mask.pin_memory()
+    return data
+
+
+def _read_state(ckpt, device: torch.device) -> dict:
+    with ckpt.as_directory() as d:
+        return checkpoint.load(str(Path(d) / STATE_FILE), device)
+
+
+def _report(trainer: RankTrainer, record: dict, save: bool) -> None:
+    """Every rank reports (a barrier); rank 0 writes best.pt on improvement and attaches the
+    state as a Ray checkpoint when `save`."""
+    import ray.train
+
+    metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+    metrics.update(best_val=trainer.early["best_val"], best_epoch=trainer.early["best_epoch"],
+                   stopped_early=trainer.should_stop())
+    if trainer.rank != 0:
+        ray.train.report(metrics)
+        return
+    if record["improved"]:
+        trainer.save(trainer.best_uri)
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.save(trainer.state_dict(), str(Path(tmp) / STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"epoch_{record['epoch']:06d}")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One stage of one run on one Ray Train worker.
+
+    config: run_config (RunConfig), stage (1 or 2), init_checkpoint (ray.train.Checkpoint of the
+    previous stage's end, or None), tracking_uri and mlflow_run_id (or None), threads, use_gpu,
+    fault_injection (see RayOptions).
+    """
+    import ray.train
+    import ray.train.torch
+
+    cfg: RunConfig = config["run_config"]
+    stage = int(config["stage"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(config.get("threads", 1)))
+    device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+    configure_device(device)
+
+    trainer = RankTrainer(cfg, data=_load_worker_data(cfg, device), device=device,
+                          progress=False, rank=rank, world_size=world_size)
+    s = cfg.schedule
+    epochs = schedule.stage_epochs(s.variant, stage, s.switch_epoch, s.max_epochs)
+    source = ray.train.get_checkpoint() or config.get("init_checkpoint")
+    if source is not None:
+        trainer.load_state_dict(_read_state(source, device))
+    if not epochs.start <= trainer.epoch <= epochs.stop:
+        raise RuntimeError(f"stage {stage} runs epochs {epochs.start}..{epochs.stop - 1} but its "
+                           f"starting checkpoint ends at epoch {trainer.epoch - 1}")
+    tracker = tracking.attach(config.get("tracking_uri"), config.get("mlflow_run_id"),
+                              active=rank == 0)
+    faults = config.get("fault_injection", ())
+    remaining = range(trainer.epoch, epochs.stop)
+    if not remaining or trainer.should_stop():
+        return
+    trainer.prepare_epoch(remaining.start)   # the switch and this stage's trainable set
+    trainer.wrap()                            # then a fresh DDP over exactly that set
+    for epoch in remaining:
+        record = trainer.run_epoch(epoch)
+        _maybe_fail(faults, rank, epoch)
+        tracker.log_epoch(record)
+        stop = trainer.should_stop()
+        last = epoch == epochs.stop - 1 or stop
+        _report(trainer, record, save=last or trainer.checkpoint_due(epoch))
+        if stop:
+            break
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def _storage(cfg: RunConfig, endpoint: str | None) -> tuple[str, Any]:
+    return pyarrow_filesystem(run_dir(cfg), endpoint)
+
+
+def run_stage(cfg: RunConfig, options: RayOptions, stage: int, init_checkpoint=None,
+              tracker: tracking.Tracker | None = None):
+    """Fit the TorchTrainer of one stage (Ray run `stage_<k>` under the run's location).
+    Resumes that Ray run if it exists. Returns ray.train.Result; raises if training failed."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    endpoint = resolve_endpoint(cfg.data.endpoint_url or None)
+    storage_path, filesystem = _storage(cfg, endpoint)
+    tracker = tracker or tracking.NullTracker()
+    resources = {"CPU": options.cpus_per_worker}
+    if options.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "run_config": cfg, "stage": stage, "init_checkpoint": init_checkpoint,
+            "tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
+            "threads": options.torch_threads, "use_gpu": options.use_gpu,
+            "fault_injection": options.fault_injection},
+        scaling_config=ray.train.ScalingConfig(num_workers=options.num_workers,
+                                               use_gpu=options.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=f"stage_{stage}", storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=options.keep_checkpoints)))
+    return trainer.fit()
+
+
+def _with_endpoint(cfg: RunConfig) -> RunConfig:
+    # Resolve AWS_ENDPOINT_URL once here: workers then need no environment for the endpoint.
+    endpoint = resolve_endpoint(cfg.data.endpoint_url or None)
+    if endpoint and endpoint != cfg.data.endpoint_url:
+        cfg = apply_overrides(cfg, {"data.endpoint_url": endpoint})
+    return cfg
+
+
+def _stage_checkpoint(marker: dict, filesystem):
+    import ray.train
+    return ray.train.Checkpoint(marker["checkpoint"], filesystem=filesystem)
+
+
+def train_driver_fn(config: Mapping[str, Any]) -> dict:
+    """Train one run on Ray: every stage as its own DDP job, in order, then evaluate.
+
+    `config`: see split_config (dotted config keys over a preset, or a run_config, plus RayOptions
+    keys; `parent_run_id` nests the MLflow run under a sweep's run). Ray must be initialised, or
+    Ray starts a local instance. Returns the summary: run_dir, best_checkpoint, last_checkpoint,
+    epochs_run, best_epoch, best_val, stopped_early, eval (LDA F1 scores), mlflow_run_id,
+    tracking_uri. A finished run returns its stored summary without training.
+    """
+    cfg, options = split_config(config)
+    cfg = _with_endpoint(cfg)
+    endpoint = cfg.data.endpoint_url or None
+    location = run_dir(cfg)
+    store = open_store(location, endpoint)
+    if store.exists("result.json"):
+        return json.loads(store.read_bytes("result.json"))
+    _, filesystem = _storage(cfg, endpoint)
+    tracker = tracking.start_run(
+        cfg, tracking.run_key(location), parent_run_id=options.parent_run_id or None,
+        tags={"tsdsae.run_dir": location, "tsdsae.num_workers": options.num_workers,
+              "tsdsae.use_gpu": options.use_gpu})
+    try:
+        previous, metrics = None, {}
+        for stage in range(1, schedule.num_stages(cfg.schedule.variant) + 1):
+            name = f"stage_{stage}.json"
+            if store.exists(name):
+                marker = json.loads(store.read_bytes(name))
+            else:
+                result = run_stage(cfg, options, stage, previous, tracker)
+                marker = {"stage": stage, "checkpoint": result.checkpoint.path,
+                          "metrics": _jsonable(result.metrics)}
+                store.write_bytes(name, json.dumps(marker, indent=1).encode())
+            previous, metrics = _stage_checkpoint(marker, filesystem), marker["metrics"]
+        summary = {
+            "run_dir": location, "best_checkpoint": f"{location}/best.pt",
+            "last_checkpoint": _checkpoint_uri(previous.path, location),
+            "epochs_run": int(metrics["epoch"]) + 1, "best_epoch": int(metrics["best_epoch"]),
+            "best_val": metrics["best_val"], "stopped_early": bool(metrics["stopped_early"]),
+            "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri}
+        if options.evaluate:
+            summary["eval"] = _evaluate_best(cfg, summary, tracker)
+        store.write_bytes("result.json", json.dumps(summary, indent=1).encode())
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return summary
+
+
+def _checkpoint_uri(path: str, location: str) -> str:
+    # Ray gives S3 checkpoint paths as "bucket/key" (the filesystem knows the scheme).
+    return f"s3://{path}" if location.startswith("s3://") and "://" not in path else path
+
+
+def _jsonable(metrics: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+
+
+def _evaluate_best(cfg: RunConfig, summary: dict, tracker: tracking.Tracker) -> dict:
+    """LDA F1 scores of the best checkpoint (on the driver's CPU), logged with a reconstruction
+    PNG and the checkpoint file."""
+    from tsdsae.evaluate import evaluate
+    from tsdsae.model.dsae import DSAE
+
+    endpoint = cfg.data.endpoint_url or None
+    state = checkpoint.load(summary["best_checkpoint"], "cpu", endpoint)
+    model = DSAE(cfg.model)
+    model.load_state_dict(state["model"])
+    model.load_snapshot_state_dict(state["snapshot"])
+    data = load_data(cfg.data)
+    scores = evaluate(model, data, cfg.data.eval_split)
+    tracking.log_final(tracker, model, data, scores, summary["best_checkpoint"], endpoint,
+                       cfg.data.eval_split, step=summary["best_epoch"],
+                       summary={k: summary[k] for k in ("best_val", "best_epoch", "epochs_run")})
+    return scores
+
+
+def driver_config(cfg: RunConfig, **options) -> dict:
+    """The driver config of a RunConfig plus RayOptions keys (what the CLI passes)."""
+    return {"run_config": cfg, **options}
+
+
+__all__ = ["RayOptions", "RankTrainer", "InjectedFault", "split_config", "run_dir",
+           "train_loop_per_worker", "run_stage", "train_driver_fn", "driver_config",
+           "configure_device", "runtime_env"]

@@ -1,0 +1,338 @@
+"""What is logged, where: MLflow behind one small tracker object (the only module importing mlflow).
+
+    tracker = start_run(cfg, run_key)            # create, or resume, the run tagged with run_key
+    trainer = Trainer(cfg, callbacks=[tracker])  # per-epoch metrics (a tracker is a callback)
+    log_final(tracker, model, data, scores, best_uri)
+    tracker.finish()
+
+`Tracker` is the interface and does nothing: it is what a loop gets when tracking is off and on
+every Ray rank but 0, so loops never ask "which rank am I" or "is tracking on". `MlflowTracker`
+logs through `mlflow.MlflowClient` only (no fluent global run): several runs may be open in one
+process, and a run survives its processes.
+
+One run per training, across restarts: the run carries the tag `tsdsae.run_key` (the run's
+checkpoint location), and `start_run` resumes the run with that tag instead of making a second
+one. Per-epoch metrics are logged at step = epoch, and an epoch already in the run's history is
+not logged again (a worker restarted from an older checkpoint repeats some epochs).
+
+Nesting (a Ray Tune sweep): the sweep opens its own run with `open_run(...)` and passes that run's
+id as `parent_run_id` to `start_run` (or to `tsdsae.ray_train.train_driver_fn` as the
+`parent_run_id` key); each trial's run is then an MLflow child of the sweep's run.
+
+Tracking URI: `tracking.uri`, else MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working
+directory (no server needed; MLflow 3 no longer accepts a plain file store). Relative sqlite
+paths are made absolute so that Ray workers, whatever their working directory, share the file.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from tsdsae.config import RunConfig, to_flat
+
+RUN_KEY_TAG = "tsdsae.run_key"
+PARENT_TAG = "mlflow.parentRunId"          # MLflow's own nesting tag
+DEFAULT_URI = "sqlite:///mlflow.db"
+# Logged with every epoch: its metric history tells which epochs a resumed run already has.
+EPOCH_SENTINEL = "stage"
+
+
+def resolve_tracking_uri(uri: str = "") -> str:
+    """`uri`, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; relative sqlite paths made
+    absolute (from the working directory of the process that resolves it)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = uri[len(prefix):]
+        if path and path != ":memory:":
+            uri = prefix + str(Path(path).absolute())
+    return uri
+
+
+def run_key(location: str) -> str:
+    """The identity of a training run: its absolute checkpoint location (a path or s3:// URI)."""
+    from tsdsae.storage import open_store
+    return open_store(location).uri
+
+
+class Tracker:
+    """The tracking interface; this base logs nothing (tracking off, or a Ray rank other than 0)."""
+
+    run_id: str | None = None
+    uri: str | None = None
+    active = False
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Run parameters (the dotted config keys)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Numeric metrics at one step."""
+
+    def log_epoch(self, record: Mapping[str, Any]) -> None:
+        """One epoch's record (tsdsae.trainer's dict) at step = record["epoch"], once per epoch."""
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy a local file into the run's artifacts (under `artifact_path`)."""
+
+    def log_figure(self, figure, filename: str, artifact_path: str = "figures") -> None:
+        """Save a matplotlib Figure as PNG into the run's artifacts."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """String tags on the run."""
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED (or FAILED / KILLED)."""
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        """A tsdsae.trainer.Trainer callback: log the epoch's record."""
+        self.log_epoch(record)
+
+
+class NullTracker(Tracker):
+    """Explicitly nothing: the tracker of a run without tracking."""
+
+
+def epoch_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of an epoch record, without the step itself ("epoch") and flags."""
+    return {k: float(v) for k, v in record.items()
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MlflowTracker(Tracker):
+    """Logs to one existing MLflow run (`run_id`) in the store at `uri`."""
+
+    active = True
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.run_id = uri, run_id
+        self.client = MlflowClient(uri)
+        self._last_epoch: int | None = None      # read from the run on the first log_epoch
+
+    def __repr__(self) -> str:
+        return f"MlflowTracker(run_id={self.run_id!r}, uri={self.uri!r})"
+
+    # -- logging ----------------------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = {k: _param_value(v) for k, v in params.items()}
+        changed = sorted(k for k, v in new.items() if k in existing and existing[k] != v)
+        if changed:
+            detail = ", ".join(f"{k}: {existing[k]!r} -> {new[k]!r}" for k in changed[:5])
+            raise ValueError(
+                f"MLflow run {self.run_id} was started with other values of {detail}; a resumed "
+                "run must keep its configuration (use another run name for a new run)")
+        todo = [Param(k, v) for k, v in new.items() if k not in existing]
+        for start in range(0, len(todo), 100):             # MLflow's per-request limit
+            self.client.log_batch(self.run_id, params=todo[start:start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def last_logged_epoch(self) -> int:
+        """The highest epoch already in the run's history (-1 if none)."""
+        if self._last_epoch is None:
+            history = self.client.get_metric_history(self.run_id, EPOCH_SENTINEL)
+            self._last_epoch = max((m.step for m in history), default=-1)
+        return self._last_epoch
+
+    def log_epoch(self, record: Mapping[str, Any]) -> None:
+        epoch = int(record["epoch"])
+        if epoch <= self.last_logged_epoch():
+            return                # a repeated epoch after a restart: its metrics are there
+        metrics = epoch_metrics(record)
+        metrics.setdefault(EPOCH_SENTINEL, 0.0)
+        self.log_metrics(metrics, step=epoch)
+        self._last_epoch = epoch
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_figure(self, figure, filename: str, artifact_path: str = "figures") -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / filename
+            figure.savefig(path, dpi=100)
+            self.log_artifact(path, artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def _param_value(value: Any) -> str:
+    # What MLflow stores for a param; comparing in this form detects a changed configuration.
+    return str(value)
+
+
+# -- opening runs --------------------------------------------------------------------------------
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created if missing (safe when several processes race)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)   # another process created it first
+            if exp is None:
+                raise
+    if exp.lifecycle_stage != "active":
+        raise ValueError(f"MLflow experiment {name!r} is deleted; restore it or set "
+                         "tracking.experiment to another name")
+    return exp.experiment_id
+
+
+def find_runs(uri: str, experiment: str, key: str) -> list:
+    """Runs (mlflow.entities.Run) of `experiment` tagged with run key `key`, newest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    quoted = key.replace("\\", "\\\\").replace("'", "\\'")
+    return list(client.search_runs([exp.experiment_id],
+                                   filter_string=f"tags.`{RUN_KEY_TAG}` = '{quoted}'",
+                                   order_by=["attributes.start_time DESC"]))
+
+
+def open_run(uri: str, experiment: str, key: str, run_name: str | None = None,
+             parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None,
+             resume: bool = True) -> MlflowTracker:
+    """The run tagged `key` in `experiment`: resumed (status RUNNING again) if it exists and
+    `resume`, else created. `parent_run_id` makes a new run a child of that run (a sweep's run).
+    With `resume=False` an older run with this key loses the key (it stays, untouched)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp_id = experiment_id(client, experiment)
+    runs = find_runs(uri, experiment, key)
+    if runs and resume:
+        run = runs[0]
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+        tracker = MlflowTracker(uri, run.info.run_id)
+        if tags:
+            tracker.set_tags(tags)
+        return tracker
+    all_tags = {RUN_KEY_TAG: key, **{k: str(v) for k, v in (tags or {}).items()}}
+    if parent_run_id:
+        client.get_run(parent_run_id)          # fail now, with MLflow's message, if it is wrong
+        all_tags[PARENT_TAG] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    for old in runs:
+        client.set_tag(old.info.run_id, RUN_KEY_TAG, f"{key}#replaced-by-{run.info.run_id}")
+    return MlflowTracker(uri, run.info.run_id)
+
+
+def start_run(cfg: RunConfig, key: str, parent_run_id: str | None = None,
+              tags: Mapping[str, Any] | None = None, resume: bool = True) -> Tracker:
+    """The tracker of one training run: NullTracker when `cfg.tracking.enabled` is off, else the
+    (created or resumed) MLflow run `key` named cfg.name, with the dotted config keys as params.
+    `parent_run_id` nests the run under a parent run (e.g. a Tune sweep's)."""
+    if not cfg.tracking.enabled:
+        return NullTracker()
+    tracker = open_run(cfg.tracking.uri, cfg.tracking.experiment, key, run_name=cfg.name,
+                       parent_run_id=parent_run_id, tags=tags, resume=resume)
+    tracker.log_params(to_flat(cfg))
+    return tracker
+
+
+def attach(uri: str | None, run_id: str | None, active: bool = True) -> Tracker:
+    """A tracker on an existing run (e.g. inside a Ray worker): MlflowTracker when `active` and
+    there is a run, else NullTracker. Ray workers pass active = (rank == 0)."""
+    if not (active and run_id and uri):
+        return NullTracker()
+    return MlflowTracker(uri, run_id)
+
+
+# -- the end of a run ----------------------------------------------------------------------------
+
+
+def reconstruction_figure(model, split, n: int = 4, seed: int = 0):
+    """A matplotlib Figure (Agg canvas, no pyplot): for n clips of `split`, the input log-mel,
+    its reconstruction and its global swap decode(z_i, v_j) with j of another instrument."""
+    import numpy as np
+    import torch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from tsdsae.evaluate import pair_other_instrument
+
+    device = next(model.parameters()).device
+    labels = split.instrument.cpu().numpy()
+    n = min(n, len(split))
+    idx = torch.arange(n)
+    try:
+        partner = torch.from_numpy(pair_other_instrument(labels, seed)[:n])
+    except ValueError:                    # one instrument only: swap with the next clip
+        partner = (idx + 1) % len(split)
+    x, m = split.features[idx].to(device), split.mask[idx].to(device)
+    xj, mj = split.features[partner].to(device), split.mask[partner].to(device)
+    model.eval()
+    with torch.no_grad():
+        panels = {"input": x, "reconstruction": model.reconstruct(x, m),
+                  "global swap (v of another instrument)": model.swap_global(x, m, xj, mj)}
+    names = split.instruments
+    fig = Figure(figsize=(4 * len(panels), 2.2 * n), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_2d(fig.subplots(n, len(panels), squeeze=False))
+    lo, hi = float(x[m].min()), float(x[m].max())
+    for row in range(n):
+        valid = int(m[row].sum())
+        for col, (title, values) in enumerate(panels.items()):
+            ax = axes[row, col]
+            ax.imshow(values[row, :valid].T.cpu().numpy(), origin="lower", aspect="auto",
+                      vmin=lo, vmax=hi, cmap="magma")
+            label = names[labels[row]]
+            if col == 2:
+                label = f"z of {label}, v of {names[labels[int(partner[row])]]}"
+            ax.set_title(f"{title}: {label}" if row == 0 or col == 2 else label, fontsize=8)
+            ax.set_xlabel("frame", fontsize=7)
+            ax.set_ylabel("mel bin", fontsize=7)
+            ax.tick_params(labelsize=6)
+    return fig
+
+
+def log_final(tracker: Tracker, model, data, scores: Mapping[str, float],
+              checkpoint_uri: str | None = None, endpoint_url: str | None = None,
+              split: str = "val", step: int = 0, summary: Mapping[str, Any] | None = None) -> None:
+    """The end of a run: evaluation scores (as eval_*), `summary` numbers (best_val, ...), a
+    reconstruction-spectrogram PNG of `split` and the checkpoint file (local or s3://)."""
+    if not tracker.active:
+        return
+    metrics = {f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))}
+    metrics.update({k: v for k, v in (summary or {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(float(v))})
+    tracker.log_metrics(metrics, step=step)
+    tracker.log_figure(reconstruction_figure(model, data[split]), "reconstructions.png")
+    if checkpoint_uri:
+        from tsdsae.storage import open_store
+
+        parent, _, name = checkpoint_uri.rstrip("/").rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / name
+            open_store(parent or ".", endpoint_url).download_file(name, local)
+            tracker.log_artifact(local, "checkpoint")

@@ -7,7 +7,9 @@ Lines:
 - prep:    dMelodies clips/s for render (FluidSynth) + features + FLAC + shards, end to end;
 - memory:  load_dataset samples/s (whole splits into tensors), local and S3;
 - stream:  stream_split samples/s: the first pass (sha256-verifying every shard), later passes,
-           and a DataLoader (2 workers, batch 128, collate_samples), local and S3.
+           batches of 128 (collate_samples) in process and through DataLoader workers, local
+           and S3. On a busy 2-core machine worker processes compete with each other and with
+           whatever else runs; cpu_us_per_sample shows the reader's own cost.
 S3 is a moto server on 127.0.0.1 (fake credentials), so S3 numbers measure the HTTP path, not
 a real object store. Training consumes about 128 samples x ~5 steps/s = 640 samples/s.
 """
@@ -35,21 +37,28 @@ def emit(**record) -> None:
 
 
 def stream_rates(uri: str, split: str, endpoint_url: str | None, passes: int, source: str) -> None:
+    """Samples/s of stream_split; cpu_us_per_sample is this process's CPU time per sample, a
+    load-independent measure of the reader's cost (1e6 / it = the rate one free core sustains)."""
     stream = stream_split(uri, split, endpoint_url=endpoint_url, seed=0)
+
+    def measure(mode: str, index: int, iterable, count=lambda x: 1) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        n = sum(count(x) for x in iterable)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        emit(bench="stream", source=source, mode=mode, pass_index=index, samples=n,
+             samples_per_s=round(n / wall), x_training=round(n / wall / TRAINING_RATE, 1),
+             cpu_us_per_sample=round(cpu / n * 1e6, 1))
+
     for i in range(passes):
-        start = time.perf_counter()
-        n = sum(1 for _ in stream)
-        rate = n / (time.perf_counter() - start)
-        emit(bench="stream", source=source, mode="first_pass_verifying" if i == 0 else "pass",
-             pass_index=i, samples=n, samples_per_s=round(rate), x_training=round(rate / TRAINING_RATE, 1))
-    loader = torch.utils.data.DataLoader(stream, batch_size=128, num_workers=2,
-                                         collate_fn=collate_samples, persistent_workers=True)
-    for i in range(passes):
-        start = time.perf_counter()
-        n = sum(len(batch["keys"]) for batch in loader)
-        rate = n / (time.perf_counter() - start)
-        emit(bench="stream", source=source, mode="dataloader_2_workers_batch_128", pass_index=i,
-             samples=n, samples_per_s=round(rate), x_training=round(rate / TRAINING_RATE, 1))
+        measure("first_pass_verifying" if i == 0 else "pass", i, stream)
+    batches = torch.utils.data.DataLoader(stream, batch_size=128, num_workers=0,
+                                          collate_fn=collate_samples)
+    measure("batches_of_128_in_process", 0, batches, lambda b: len(b["keys"]))
+    for workers in (1, 2):
+        loader = torch.utils.data.DataLoader(stream, batch_size=128, num_workers=workers,
+                                             collate_fn=collate_samples, persistent_workers=True)
+        for i in range(2):
+            measure(f"dataloader_{workers}_workers_batch_128", i, loader, lambda b: len(b["keys"]))
 
 
 def memory_rate(uri: str, endpoint_url: str | None, source: str) -> None:

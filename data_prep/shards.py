@@ -292,14 +292,18 @@ def build_dataset(store: Store, *, name: str, tool: str, params: dict,
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             futures = {pool.submit(run, task): task for task in tasks}
-            for future in concurrent.futures.as_completed(futures):
-                stats = future.result()
-                if stats is not None:
-                    results[futures[future].name] = stats
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    stats = future.result()
+                    if stats is not None:
+                        results[futures[future].name] = stats
+            except BaseException:
+                stop.set()            # queued shards return at once; the error propagates
+                raise
     finally:
         if bar is not None:
             bar.close()
-    if stop.is_set() and len(results) < len(tasks):
+    if len(results) < len(tasks):
         raise PrepInterrupted(f"stopped after {written} new shards ({len(results)} of "
                               f"{len(tasks)} done); run again to resume")
 

@@ -271,7 +271,8 @@ def test_verify_cli_names_the_bad_shard_and_key(small_dmelodies, tmp_path, capsy
 
 
 def test_cli_help_runs(capsys):
-    for main in (dmelodies_main, verify_main):
+    from data_prep.folder import main as folder_main
+    for main in (dmelodies_main, verify_main, folder_main):
         with pytest.raises(SystemExit) as info:
             main(["--help"])
         assert info.value.code == 0

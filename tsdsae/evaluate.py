@@ -88,8 +88,15 @@ def pitch_metrics(model: DSAE, split: Split, partner: np.ndarray,
     rng_devices = [device] if device.type == "cuda" else []
     per_clip: dict[str, list[np.ndarray]] = {"recon": [], "gswap": [], "lswap": []}
     starts = range(0, n, batch)
+    calls = iter(range(1 << 30))
+
+    def gl(x, m):
+        # Seeded per call: torchcrepe's first use initialises a network (drawing random numbers)
+        # before loading its weights, so one seed up front would not fix later phases.
+        torch.manual_seed(seed * 1_000_003 + next(calls))
+        return listen(x, m, griffin_lim_iters)
+
     with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)
         # Reference tracks: Griffin-Lim of every input whose z gets decoded (i and its j).
         need = np.unique(np.concatenate([idx, partner[idx]]))
         refs = {}
@@ -97,7 +104,7 @@ def pitch_metrics(model: DSAE, split: Split, partner: np.ndarray,
                       disable=not progress, leave=False):
             sel = torch.from_numpy(need[s:s + batch])
             x, m = split.features[sel].to(device), split.mask[sel].to(device)
-            track = crepe_f0(listen(x, m, griffin_lim_iters), **crepe)
+            track = crepe_f0(gl(x, m), **crepe)
             refs.update({int(k): track[r] for r, k in enumerate(sel.tolist())})
         for s in tqdm(starts, desc="pitch: swaps", unit="batch", disable=not progress,
                       leave=False):
@@ -109,7 +116,7 @@ def pitch_metrics(model: DSAE, split: Split, partner: np.ndarray,
                     "gswap": (model.swap_global(x_i, m_i, x_j, m_j), m_i, i),   # decode(z_i, v_j)
                     "lswap": (model.swap_local(x_i, m_i, x_j, m_j), m_j, j)}    # decode(z_j, v_i)
             for kind, (out, m, ref_idx) in outs.items():
-                est = crepe_f0(listen(out, m, griffin_lim_iters), **crepe)
+                est = crepe_f0(gl(out, m), **crepe)
                 ref = _stack_tracks([refs[int(k)] for k in ref_idx.tolist()])
                 per_clip[kind].append(raw_pitch_accuracy(ref, est))
     result = {f"rpa_{kind}": mean_rpa(np.concatenate(v)) for kind, v in per_clip.items()}

@@ -22,13 +22,15 @@ Use them from any Python with torch:
 B and T are dynamic where the architecture allows. Recurrent parts (LSTM options, the
 autoregressive z posteriors) are exported at a fixed T, `--frames` (default 251 = a 4 s clip);
 the manifest lists the static sizes, and inputs of another length must be padded or cropped to
-it (padding masked out). Listening (Griffin-Lim) is not part of the export.
+it (padding masked out). Listening (Griffin-Lim) is not part of the export. Programs are exported
+on, and run on, the CPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -100,7 +102,9 @@ def _export(module: nn.Module, args: tuple, dims: tuple[dict, ...]):
         shapes = tuple({axis: by_name[n] for axis, n in d.items() if n in keep} or None
                        for d in dims)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                # nn.LSTM re-assigns its flat weight list while traced; harmless here.
+                warnings.filterwarnings("ignore", message=".*were assigned during export.*")
                 program = torch.export.export(module, args, dynamic_shapes=shapes)
         except Exception as exc:     # noqa: BLE001 - a specialised dim: retry with fewer
             last_error = exc
@@ -150,7 +154,10 @@ def export_model(model: DSAE, out_dir: str | Path,
         module, args, dims, inputs, output = specs[name]
         program, dynamic = _export(module, args, dims)
         path = out / f"{name}.pt2"
-        torch.export.save(program, str(path))
+        with warnings.catch_warnings():
+            # about weights that live off the CPU; everything is exported on the CPU
+            warnings.filterwarnings("ignore", message="No complete tensor found")
+            torch.export.save(program, str(path))
         sizes = {"B": b, "T": t, "S": samples}
         axes = {n for d in dims for n in d.values()}
         static = {n: sizes[n] for n in sorted(axes) if n not in dynamic}

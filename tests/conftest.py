@@ -1,9 +1,17 @@
-"""Shared fixtures: the real services tests talk to (an S3 endpoint over HTTP, ...)."""
+"""Shared fixtures: the real services tests talk to (an S3 endpoint over HTTP, a local Ray, an
+MLflow tracking server)."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +76,75 @@ def small_dmelodies(tmp_path_factory):
     out = tmp_path_factory.mktemp("dmelodies") / "small"
     prepare_dmelodies(str(out), **SMALL_DMELODIES)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray (2 CPUs) for the whole session. Started after the S3 server: Ray's workers
+    and the Train controller inherit the environment of ray.init, so they get its fake AWS
+    credentials (endpoints travel explicitly, in data.endpoint_url and Ray's storage filesystem)."""
+    import ray
+
+    from tsdsae.ray_train import runtime_env
+
+    ray.init(num_cpus=2, runtime_env=runtime_env(), object_store_memory=256 * 2**20,
+             configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@dataclasses.dataclass
+class MlflowServer:
+    """A real `mlflow server` (sqlite backend, artifacts served over HTTP) on 127.0.0.1."""
+
+    uri: str
+    root: Path
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+        return MlflowClient(self.uri)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    # No job-execution consumer: the server is ready sooner and starts no extra process.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}: "
+                                   f"{(root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("mlflow server did not answer /health within 120 s")
+            time.sleep(0.5)
+        yield MlflowServer(uri=uri, root=root)
+    finally:
+        # The server runs its web workers as children in its own session (start_new_session),
+        # so signalling that process group stops exactly what this fixture started.
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

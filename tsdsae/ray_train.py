@@ -301,6 +301,8 @@ def train_loop_per_worker(config: dict) -> None:
         return
     trainer.prepare_epoch(remaining.start)   # the switch and this stage's trainable set
     trainer.wrap()                            # then a fresh DDP over exactly that set
+    # One point per worker-group start: restarts and resumes show in the run's history.
+    tracker.log_metrics({"start_epoch": remaining.start}, step=remaining.start)
     for epoch in remaining:
         record = trainer.run_epoch(epoch)
         _maybe_fail(faults, rank, epoch)

@@ -77,12 +77,24 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.num_workers is not None:
-        summary = _train_on_ray(cfg, options, args)
-    else:
-        summary = _train_here(cfg, args)
+    try:
+        if args.num_workers is not None:
+            summary = _train_on_ray(cfg, options, args)
+        else:
+            summary = _train_here(cfg, args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
     print(json.dumps(summary))
     return 0
+
+
+class CliError(Exception):
+    """A failure with a message for the user and the exit status to return."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 def _train_here(cfg, args) -> dict:
@@ -122,18 +134,23 @@ def _train_here(cfg, args) -> dict:
 def _train_on_ray(cfg, options: dict, args) -> dict:
     """Every stage as a Ray Train DDP job (tsdsae.ray_train.train_driver_fn)."""
     import ray
+    import ray.train
 
     from tsdsae.ray_train import run_dir, runtime_env, train_driver_fn
     from tsdsae.storage import open_store
 
     location = run_dir(cfg)
     if args.no_resume and open_store(location, cfg.data.endpoint_url or None).list():
-        print(f"error: {location} already holds a run; --no-resume with Ray needs a new --name "
-              "(or delete that run)", file=sys.stderr)
-        raise SystemExit(2)
+        raise CliError(f"{location} already holds a run; --no-resume with Ray needs a new "
+                       "--name (or delete that run)", 2)
     if not ray.is_initialized():
         ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=not args.quiet)
-    summary = train_driver_fn(options)
+    try:
+        summary = train_driver_fn(options)
+    except ray.train.TrainingFailedError as exc:
+        raise CliError(f"training failed after its retries ({type(exc).__name__}: "
+                       f"{str(exc).strip().splitlines()[-1]}); checkpoints are in {location}: "
+                       "rerun the same command to resume", 1) from None
     print(f"results: checkpoints in {summary['run_dir']} (best: {summary['best_checkpoint']})"
           + (f"; MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']}"
              if summary.get("mlflow_run_id") else ""))

@@ -98,3 +98,22 @@ def test_swap_cli_has_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         swap.main(["--help"])
     assert exit_.value.code == 0 and "--content" in capsys.readouterr().out
+
+
+def test_trial_artifacts_write_figures_and_swap_wavs(checkpoint_path, tmp_path):
+    from tsdsae.figures import trial_artifacts
+    from tsdsae.inference import load
+    from tsdsae.toy import make_toy_dataset
+
+    data = make_toy_dataset(n_clips=24, seconds=1.0, seed=2)
+    paths = trial_artifacts(load(checkpoint_path).model, data, tmp_path, pairs=3, wavs=1)
+    names = {p.relative_to(tmp_path).as_posix() for p in paths}
+    assert {"swap_grid.png", "v_projection.png", "z_trajectories.png"} <= names
+    assert {f"swaps/pair0_{n}.wav" for n in OUTPUTS if n != "timbre_recon"} <= names
+    for p in paths:
+        assert p.is_file() and p.stat().st_size > 1000
+        if p.suffix == ".wav":
+            audio, sr = sf.read(str(p))
+            # Griffin-Lim gives (T - 1) * 256 samples: 15,872 for the 1 s source clips
+            assert sr == 16_000 and 16_000 - 256 < len(audio) <= 16_000
+            assert np.abs(audio).max() > 0.5

@@ -45,8 +45,8 @@ def spectrogram_grid(rows: list[list[tuple[str, torch.Tensor]]], path: str | Pat
     plt = _pyplot()
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     peak = max(float(f.max()) for r in rows for _, f in r)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 2.4 * n_rows),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 2.4 * n_rows + 0.4),
+                             squeeze=False, sharey=True, layout="constrained")
     image = None
     for r, row in enumerate(rows):
         for c in range(n_cols):
@@ -68,7 +68,7 @@ def spectrogram_grid(rows: list[list[tuple[str, torch.Tensor]]], path: str | Pat
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="log power")
     if title:
-        fig.suptitle(title, fontsize=9, y=1.0 + 0.03 * title.count("\n"))
+        fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 

@@ -11,8 +11,8 @@ import torch
 
 from tsdsae import checkpoint
 from tsdsae.config import apply_overrides, debug, to_flat
-from tsdsae.ray_train import (InjectedFault, RayOptions, _maybe_fail, _weighted_sum_hook, _Share,
-                              driver_config, run_dir, split_config, train_driver_fn)
+from tsdsae.ray_train import (BatchShare, InjectedFault, RayOptions, _maybe_fail, ddp_wrap,
+                              driver_config, split_config, train_driver_fn)
 from tsdsae.storage import open_store
 from tsdsae.toy import make_toy_dataset
 from tsdsae.trainer import Trainer, batch_parts
@@ -68,15 +68,13 @@ def test_every_rank_gets_one_entry_per_global_batch():
 
 def _hook_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world)
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
-    share = _Share(world)
-    ddp = DistributedDataParallel(model)
-    ddp.register_comm_hook(share, _weighted_sum_hook)
+    share = BatchShare(world)
+    ddp = ddp_wrap(model, torch.device("cpu"), share)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(7, 3, generator=g), torch.randn(7, 1, generator=g)
     part = torch.arange(7).tensor_split(world)[rank]          # uneven: 4 and 3 clips

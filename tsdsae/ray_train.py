@@ -169,14 +169,15 @@ def _maybe_fail(faults, rank: int, epoch: int) -> None:
         raise InjectedFault(f"injected failure on rank {rank} after epoch {epoch}")
 
 
-class _Share:
-    """This rank's share of the current global batch (the DDP comm hook's state)."""
+class BatchShare:
+    """This rank's share of the current global batch (clips here / clips in the global batch):
+    the state of the DDP comm hook, set before every step."""
 
     def __init__(self, world_size: int):
         self.weight = 1.0 / world_size
 
 
-def _weighted_sum_hook(share: _Share, bucket):
+def _weighted_sum_hook(share: BatchShare, bucket):
     """DDP comm hook: sum over ranks of share_r * grad_r, i.e. the gradient of the global batch's
     mean loss even when the parts differ in size (DDP's default is the plain mean over ranks)."""
     import torch.distributed as dist
@@ -186,25 +187,32 @@ def _weighted_sum_hook(share: _Share, bucket):
     return dist.all_reduce(buffer, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
+def ddp_wrap(model: torch.nn.Module, device: torch.device, share: BatchShare
+             ) -> torch.nn.Module:
+    """DistributedDataParallel over the parameters of `model` that require grad now, with the
+    share-weighted gradient sum. The process group must exist (Ray Train sets it up)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                  else None)
+    ddp.register_comm_hook(share, _weighted_sum_hook)
+    return ddp
+
+
 class RankTrainer(Trainer):
     """tsdsae.trainer.Trainer as one DDP rank: batch shares, a weighted gradient all-reduce and
     epoch sums across ranks. `wrap()` builds the DDP wrapper once the stage's trainable set is on."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._share = _Share(self.world_size)
+        self._share = BatchShare(self.world_size)
 
     def wrap(self) -> None:
+        """Call once the stage's trainable set is on: DDP registers exactly those parameters."""
         if self.world_size == 1:
             self.step_model = self.model        # a world of one: nothing to synchronise
             return
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        # DDP registers exactly the parameters that require grad now: this stage's set.
-        ddp = DistributedDataParallel(self.model, device_ids=ids)
-        ddp.register_comm_hook(self._share, _weighted_sum_hook)
-        self.step_model = ddp
+        self.step_model = ddp_wrap(self.model, self.device, self._share)
 
     def _before_train_step(self, share: float) -> None:
         self._share.weight = share
@@ -447,6 +455,6 @@ def driver_config(cfg: RunConfig, **options) -> dict:
     return {"run_config": cfg, **options}
 
 
-__all__ = ["RayOptions", "RankTrainer", "InjectedFault", "split_config", "run_dir",
-           "train_loop_per_worker", "run_stage", "train_driver_fn", "driver_config",
-           "configure_device", "runtime_env"]
+__all__ = ["RayOptions", "RankTrainer", "BatchShare", "ddp_wrap", "InjectedFault",
+           "split_config", "run_dir", "train_loop_per_worker", "run_stage", "train_driver_fn",
+           "driver_config", "configure_device", "runtime_env"]

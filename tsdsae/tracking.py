@@ -75,6 +75,10 @@ class Tracker:
     def log_epoch(self, record: Mapping[str, Any]) -> None:
         """One epoch's record (tsdsae.trainer's dict) at step = record["epoch"], once per epoch."""
 
+    def latest_metrics(self) -> dict[str, float]:
+        """The run's latest value of every metric logged so far."""
+        return {}
+
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy a local file into the run's artifacts (under `artifact_path`)."""
 
@@ -141,6 +145,9 @@ class MlflowTracker(Tracker):
         batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
+
+    def latest_metrics(self) -> dict[str, float]:
+        return dict(self.client.get_run(self.run_id).data.metrics)
 
     def last_logged_epoch(self) -> int:
         """The highest epoch already in the run's history (-1 if none)."""
@@ -326,7 +333,9 @@ def log_final(tracker: Tracker, model, data, scores: Mapping[str, float],
     metrics.update({k: v for k, v in (summary or {}).items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)
                     and math.isfinite(float(v))})
-    tracker.log_metrics(metrics, step=step)
+    # A rerun of a finished run evaluates the same checkpoint again: log only what is new.
+    logged = tracker.latest_metrics()
+    tracker.log_metrics({k: v for k, v in metrics.items() if logged.get(k) != float(v)}, step=step)
     tracker.log_figure(reconstruction_figure(model, data[split]), "reconstructions.png")
     if checkpoint_uri:
         from tsdsae.storage import open_store

@@ -1,6 +1,5 @@
 """Ray Train path: real local Ray (2 CPUs, gloo DDP), a real MLflow server, S3 over HTTP (moto)."""
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -231,4 +230,5 @@ def test_worker_failures_in_stage_two_resume_with_s3_storage(tmp_path, ray_clust
     for k, v in end_1["model"].items():
         if k.startswith("v_posterior."):
             name = k[len("v_posterior."):]
-            assert torch.equal(final["snapshot"][name], v) and torch.equal(best["snapshot"][name], v)
+            assert torch.equal(final["snapshot"][name], v)
+            assert torch.equal(best["snapshot"][name], v)

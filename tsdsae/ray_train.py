@@ -201,7 +201,8 @@ def ddp_wrap(model: torch.nn.Module, device: torch.device, share: BatchShare
 
 class RankTrainer(Trainer):
     """tsdsae.trainer.Trainer as one DDP rank: batch shares, a weighted gradient all-reduce and
-    epoch sums across ranks. `wrap()` builds the DDP wrapper once the stage's trainable set is on."""
+    epoch sums across ranks. `wrap()` builds the DDP wrapper once the stage's trainable set is
+    on."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -82,9 +82,6 @@ class Tracker:
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy a local file into the run's artifacts (under `artifact_path`)."""
 
-    def log_figure(self, figure, filename: str, artifact_path: str = "figures") -> None:
-        """Save a matplotlib Figure as PNG into the run's artifacts."""
-
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """String tags on the run."""
 
@@ -167,12 +164,6 @@ class MlflowTracker(Tracker):
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
-
-    def log_figure(self, figure, filename: str, artifact_path: str = "figures") -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / filename
-            figure.savefig(path, dpi=100)
-            self.log_artifact(path, artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -277,15 +268,16 @@ def attach(uri: str | None, run_id: str | None, active: bool = True) -> Tracker:
 # -- the end of a run ----------------------------------------------------------------------------
 
 
-def reconstruction_figure(model, split, n: int = 4, seed: int = 0):
-    """A matplotlib Figure (Agg canvas, no pyplot): for n clips of `split`, the input log-mel,
-    its reconstruction and its global swap decode(z_i, v_j) with j of another instrument."""
+def reconstruction_png(model, split, path: str | os.PathLike, n: int = 4, seed: int = 0) -> Path:
+    """A PNG of log-mel spectrograms (tsdsae.figures.spectrogram_grid) for the first n clips of
+    `split`: input, reconstruction, and global swap decode(z_i, v_j) with j of another
+    instrument. Returns its path."""
     import numpy as np
     import torch
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
+    from tsdsae import features
     from tsdsae.evaluate import pair_other_instrument
+    from tsdsae.figures import spectrogram_grid
 
     device = next(model.parameters()).device
     labels = split.instrument.cpu().numpy()
@@ -293,33 +285,22 @@ def reconstruction_figure(model, split, n: int = 4, seed: int = 0):
     idx = torch.arange(n)
     try:
         partner = torch.from_numpy(pair_other_instrument(labels, seed)[:n])
-    except ValueError:                    # one instrument only: swap with the next clip
+    except ValueError:                        # one instrument only: swap with the next clip
         partner = (idx + 1) % len(split)
     x, m = split.features[idx].to(device), split.mask[idx].to(device)
     xj, mj = split.features[partner].to(device), split.mask[partner].to(device)
     model.eval()
     with torch.no_grad():
-        panels = {"input": x, "reconstruction": model.reconstruct(x, m),
-                  "global swap (v of another instrument)": model.swap_global(x, m, xj, mj)}
+        recon, gswap = model.reconstruct(x, m), model.swap_global(x, m, xj, mj)
+    silence = float(np.log(features.LOG_EPS))           # padding shown as silence
     names = split.instruments
-    fig = Figure(figsize=(4 * len(panels), 2.2 * n), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = np.atleast_2d(fig.subplots(n, len(panels), squeeze=False))
-    lo, hi = float(x[m].min()), float(x[m].max())
-    for row in range(n):
-        valid = int(m[row].sum())
-        for col, (title, values) in enumerate(panels.items()):
-            ax = axes[row, col]
-            ax.imshow(values[row, :valid].T.cpu().numpy(), origin="lower", aspect="auto",
-                      vmin=lo, vmax=hi, cmap="magma")
-            label = names[labels[row]]
-            if col == 2:
-                label = f"z of {label}, v of {names[labels[int(partner[row])]]}"
-            ax.set_title(f"{title}: {label}" if row == 0 or col == 2 else label, fontsize=8)
-            ax.set_xlabel("frame", fontsize=7)
-            ax.set_ylabel("mel bin", fontsize=7)
-            ax.tick_params(labelsize=6)
-    return fig
+    rows = []
+    for k in range(n):
+        a, b = names[labels[k]], names[labels[int(partner[k])]]
+        shown = [t[k].masked_fill(~m[k][:, None], silence) for t in (x, recon, gswap)]
+        rows.append([(f"input: {a}", shown[0]), ("reconstruction", shown[1]),
+                     (f"global swap: v of {b}", shown[2])])
+    return spectrogram_grid(rows, path, title="input, reconstruction, global swap")
 
 
 def log_final(tracker: Tracker, model, data, scores: Mapping[str, float],
@@ -336,12 +317,13 @@ def log_final(tracker: Tracker, model, data, scores: Mapping[str, float],
     # A rerun of a finished run evaluates the same checkpoint again: log only what is new.
     logged = tracker.latest_metrics()
     tracker.log_metrics({k: v for k, v in metrics.items() if logged.get(k) != float(v)}, step=step)
-    tracker.log_figure(reconstruction_figure(model, data[split]), "reconstructions.png")
-    if checkpoint_uri:
-        from tsdsae.storage import open_store
+    with tempfile.TemporaryDirectory() as tmp:
+        png = reconstruction_png(model, data[split], Path(tmp) / "reconstructions.png")
+        tracker.log_artifact(png, "figures")
+        if checkpoint_uri:
+            from tsdsae.storage import open_store
 
-        parent, _, name = checkpoint_uri.rstrip("/").rpartition("/")
-        with tempfile.TemporaryDirectory() as tmp:
+            parent, _, name = checkpoint_uri.rstrip("/").rpartition("/")
             local = Path(tmp) / name
             open_store(parent or ".", endpoint_url).download_file(name, local)
             tracker.log_artifact(local, "checkpoint")

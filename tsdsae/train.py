@@ -106,8 +106,8 @@ def _train_here(cfg, args) -> dict:
 
     trainer = Trainer(cfg, progress=not args.quiet)
     configure_device(trainer.device)
-    tracker = tracking.start_run(cfg, tracking.run_key(trainer.run_dir),
-                                 resume=not args.no_resume, tags={"tsdsae.run_dir": trainer.run_dir})
+    tracker = tracking.start_run(cfg, tracking.run_key(trainer.run_dir), resume=not args.no_resume,
+                                 tags={"tsdsae.run_dir": trainer.run_dir})
     trainer.callbacks.append(tracker)
     try:
         result = trainer.fit(resume=not args.no_resume)

@@ -146,7 +146,7 @@ def measure_ray(variant: str, stage: int, z_dim: int, batch: int, frames: int, w
                            "steps": steps, "warmup": warmup},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": threads / workers, **({"GPU": 1} if use_gpu else {})}),
+            resources_per_worker={"CPU": threads / workers}),
         run_config=ray.train.RunConfig(name=f"step-rate-{uuid.uuid4().hex[:8]}",
                                        storage_path=storage))
     t0 = time.perf_counter()

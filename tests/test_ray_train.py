@@ -11,7 +11,7 @@ import torch
 from tsdsae import checkpoint
 from tsdsae.config import apply_overrides, debug, to_flat
 from tsdsae.ray_train import (BatchShare, InjectedFault, RayOptions, _maybe_fail, ddp_wrap,
-                              driver_config, split_config, train_driver_fn)
+                              driver_config, split_config, stage_jobs, train_driver_fn)
 from tsdsae.storage import open_store
 from tsdsae.toy import make_toy_dataset
 from tsdsae.trainer import Trainer, batch_parts
@@ -46,6 +46,13 @@ def test_split_config_applies_dotted_keys_over_a_preset_and_separates_ray_option
         split_config({"modle.z_dim": 4})
     with pytest.raises(ValueError, match="preset"):
         split_config({"preset": "nope"})
+
+
+def test_one_job_per_stage_and_one_for_dsae():
+    cfg = debug()                                   # C = 5, 12 epochs
+    assert stage_jobs(cfg) == [(1, range(0, 5)), (2, range(5, 12))]
+    dsae = apply_overrides(cfg, ["schedule.variant=dsae"])
+    assert stage_jobs(dsae) == [(1, range(0, 12))]
 
 
 def test_fault_injection_fires_once(tmp_path):

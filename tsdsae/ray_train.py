@@ -64,7 +64,8 @@ class RayOptions:
     an MLflow param nor a checkpoint field.
 
     num_workers      data-parallel workers (DDP ranks)
-    use_gpu          one GPU per worker (NCCL); else CPU workers (gloo)
+    use_gpu          one GPU per worker (NCCL); else CPU workers (gloo). On Ray this, not the
+                     config's `device`, places the model
     cpus_per_worker  Ray CPU resources per worker (fractions let 2 workers share 1 CPU)
     threads          torch threads per worker; 0 = max(1, int(cpus_per_worker))
     max_failures     worker-group restarts per stage job (FailureConfig); -1 = unlimited
@@ -235,7 +236,6 @@ def configure_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
 
 
 def _load_worker_data(cfg: RunConfig, device: torch.device):
@@ -327,6 +327,13 @@ def train_loop_per_worker(config: dict) -> None:
 # Driver side
 
 
+def stage_jobs(cfg: RunConfig) -> list[tuple[int, range]]:
+    """The DDP jobs of a run, in order: (stage, its epochs). DSAE has one."""
+    s = cfg.schedule
+    return [(stage, schedule.stage_epochs(s.variant, stage, s.switch_epoch, s.max_epochs))
+            for stage in range(1, schedule.num_stages(s.variant) + 1)]
+
+
 def _storage(cfg: RunConfig, endpoint: str | None) -> tuple[str, Any]:
     return pyarrow_filesystem(run_dir(cfg), endpoint)
 
@@ -341,9 +348,7 @@ def run_stage(cfg: RunConfig, options: RayOptions, stage: int, init_checkpoint=N
     endpoint = resolve_endpoint(cfg.data.endpoint_url or None)
     storage_path, filesystem = _storage(cfg, endpoint)
     tracker = tracker or tracking.NullTracker()
-    resources = {"CPU": options.cpus_per_worker}
-    if options.use_gpu:
-        resources["GPU"] = 1
+    resources = {"CPU": options.cpus_per_worker}       # with use_gpu Ray adds GPU: 1
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -383,8 +388,12 @@ def train_driver_fn(config: Mapping[str, Any]) -> dict:
     epochs_run, best_epoch, best_val, stopped_early, eval (LDA F1 scores), mlflow_run_id,
     tracking_uri. A finished run returns its stored summary without training.
     """
+    import ray
+
     cfg, options = split_config(config)
     cfg = _with_endpoint(cfg)
+    if not ray.is_initialized():
+        ray.init(runtime_env=runtime_env())
     endpoint = cfg.data.endpoint_url or None
     location = run_dir(cfg)
     store = open_store(location, endpoint)
@@ -397,7 +406,7 @@ def train_driver_fn(config: Mapping[str, Any]) -> dict:
               "tsdsae.use_gpu": options.use_gpu})
     try:
         previous, metrics = None, {}
-        for stage in range(1, schedule.num_stages(cfg.schedule.variant) + 1):
+        for stage, _ in stage_jobs(cfg):
             name = f"stage_{stage}.json"
             if store.exists(name):
                 marker = json.loads(store.read_bytes(name))
@@ -416,8 +425,8 @@ def train_driver_fn(config: Mapping[str, Any]) -> dict:
         if options.evaluate:
             summary["eval"] = _evaluate_best(cfg, summary, tracker)
         store.write_bytes("result.json", json.dumps(summary, indent=1).encode())
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as exc:
+        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.finish()
     return summary
@@ -457,5 +466,5 @@ def driver_config(cfg: RunConfig, **options) -> dict:
 
 
 __all__ = ["RayOptions", "RankTrainer", "BatchShare", "ddp_wrap", "InjectedFault",
-           "split_config", "run_dir", "train_loop_per_worker", "run_stage", "train_driver_fn",
+           "split_config", "run_dir", "stage_jobs", "train_loop_per_worker", "run_stage", "train_driver_fn",
            "driver_config", "configure_device", "runtime_env"]

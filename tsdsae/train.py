@@ -122,8 +122,8 @@ def _train_here(cfg, args) -> dict:
                                step=max(result["best_epoch"], 0),
                                summary={k: result[k] for k in ("best_val", "best_epoch",
                                                                "epochs_run")})
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as exc:
+        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.finish()
     if tracker.run_id:

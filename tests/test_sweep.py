@@ -1,0 +1,215 @@
+"""The robustness sweep on a real local Ray, tracked in a real MLflow server."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import free_port
+from tsdsae import checkpoint
+from tune import robustness_sweep as sweep_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The debug model on the toy data, every variant once: one DSAE trial and one shared-stage-1
+# trial (dsae_freeze, ts_dsae_wo_reg, ts_dsae).
+GRID = """
+name: tiny
+preset: debug
+axes:
+  schedule.variant: [dsae, dsae_freeze, ts_dsae_wo_reg, ts_dsae]
+  seed: [831]
+fixed:
+  data.toy_clips: 96
+  schedule.switch_epoch: 2
+  schedule.max_epochs: 3
+  schedule.patience: 3
+  checkpoint.every: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("grid") / "tiny.yaml"
+    path.write_text(GRID)
+    return path
+
+
+def _args(grid_file, root: Path, mlflow_uri: str, name: str, *extra: str):
+    return sweep_mod.build_parser().parse_args([
+        "--grid", str(grid_file), "--data", "toy", "--name", name, "--storage",
+        str(root / "sweeps"), "--tracking-uri", mlflow_uri, "--out", str(root / "results"),
+        "--cpus-per-worker", "0.45", "--experiment", "sweeps-test", *extra])
+
+
+def _children(client, parent_id: str):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_cluster, mlflow_server, grid_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    out = sweep_mod.run_sweep(_args(grid_file, root, mlflow_server.uri, "smoke"))
+    return out, root
+
+
+def test_smoke_sweep_writes_a_report_and_one_child_run_per_grid_point(smoke, mlflow_server):
+    out, root = smoke
+    assert out["errors"] == 0 and out["runs"] == 4
+    for path in out["report"].values():
+        assert Path(path).stat().st_size > 0
+    summary = (Path(out["results"]) / "summary.md").read_text()
+    for label in ("DSAE", "DSAE-freeze", "TS-DSAE w/o reg", "TS-DSAE"):
+        assert f"| {label} |" in summary
+    client = mlflow_server.client()
+    children = _children(client, out["parent_run_id"])
+    trials = [r for r in children if r.data.tags.get("tsdsae.role") == "trial"]
+    shared = [r for r in children if r.data.tags.get("tsdsae.role") == "shared_stage_1"]
+    assert sorted(r.data.tags["grid.schedule.variant"] for r in trials) == sorted(
+        ["dsae", "dsae_freeze", "ts_dsae_wo_reg", "ts_dsae"])
+    assert len(shared) == 1
+    for run in trials:
+        assert run.data.tags["grid.seed"] == "831" and run.data.tags["grid.data.uri"] == "toy"
+        assert {"eval_pre_swap", "eval_gswap", "eval_lswap"} <= set(run.data.metrics)
+        assert run.info.status == "FINISHED"
+    # per-epoch history: stage-2 variants log only their own epochs (2), DSAE all 3
+    for run in trials:
+        epochs = client.get_metric_history(run.info.run_id, "stage")
+        n = 3 if run.data.tags["grid.schedule.variant"] == "dsae" else 1
+        assert len(epochs) == n, run.data.tags["grid.schedule.variant"]
+    parent_files = {f.path for f in client.list_artifacts(out["parent_run_id"], "report")}
+    assert {"report/summary.md", "report/robustness.png", "report/summary.csv"} <= parent_files
+
+
+def test_shared_stage_one_equals_an_unshared_run(smoke, mlflow_server, grid_file):
+    out, root = smoke
+    unshared = sweep_mod.run_sweep(_args(grid_file, root, mlflow_server.uri, "unshared",
+                                         "--only", "schedule.variant=ts_dsae",
+                                         "--no-share-stage-1"))
+    assert unshared["runs"] == 1
+    runs = root / "sweeps"
+    shared_dir = next((runs / "smoke" / "runs").glob("*-ts_dsae"))
+    alone_dir = next((runs / "unshared" / "runs").glob("*-ts_dsae"))
+    a = json.loads((shared_dir / "result.json").read_text())
+    b = json.loads((alone_dir / "result.json").read_text())
+    assert a["eval"] == b["eval"] and a["best_val"] == b["best_val"]
+    sa = checkpoint.load(str(shared_dir / "best.pt"))
+    sb = checkpoint.load(str(alone_dir / "best.pt"))
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    for k in sa["snapshot"]:
+        assert torch.equal(sa["snapshot"][k], sb["snapshot"][k]), k
+
+
+def test_killed_sweep_resumes_without_duplicate_runs(ray_cluster, mlflow_server, grid_file,
+                                                     tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    cmd = [sys.executable, str(ROOT / "tune" / "robustness_sweep.py"), "--grid", str(grid_file),
+           "--data", "toy", "--name", "killed", "--storage", str(tmp_path / "sweeps"),
+           "--tracking-uri", mlflow_server.uri, "--out", str(tmp_path / "results"),
+           "--cpus-per-worker", "0.45", "--experiment", "sweeps-kill", "--address", address]
+    log = open(tmp_path / "first.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    runs = tmp_path / "sweeps" / "killed" / "runs"
+    deadline = time.monotonic() + 300
+    while not list(runs.glob("*/result.json")):
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no run finished within 300 s"
+        time.sleep(1)
+    finished = {p: p.stat().st_mtime for p in runs.glob("*/result.json")}
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert len(finished) < 4, "the sweep finished before it could be interrupted"
+
+    again = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming sweep killed" in again.stdout
+    for path, mtime in finished.items():      # finished runs were not trained again
+        assert path.stat().st_mtime == mtime
+    client = mlflow_server.client()
+    exp = client.get_experiment_by_name("sweeps-kill")
+    parents = client.search_runs([exp.experiment_id], "tags.`tsdsae.role` = 'sweep'")
+    assert len(parents) == 1
+    children = _children(client, parents[0].info.run_id)
+    trials = [r for r in children if r.data.tags.get("tsdsae.role") == "trial"]
+    assert len(trials) == 4
+    assert len({r.data.tags["tsdsae.run_key"] for r in trials}) == 4
+    assert all(r.info.status == "FINISHED" for r in trials)
+    # no epoch logged twice in any run's history
+    for run in trials:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "stage")]
+        assert len(steps) == len(set(steps))
+
+
+def _kill_ray_head(temp_dir: str) -> None:
+    """Stop exactly the processes of the head started with `temp_dir` (not every Ray on the
+    machine, as `ray stop` would)."""
+    for _ in range(2):
+        for pid_dir in Path("/proc").iterdir():
+            if not pid_dir.name.isdigit():
+                continue
+            try:
+                cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if temp_dir in cmdline:
+                try:
+                    os.kill(int(pid_dir.name), signal.SIGKILL)
+                except OSError:
+                    pass
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_smoke_sweep(mlflow_server, grid_file, tmp_path):
+    """`ray start --head` on 127.0.0.1, then `ray job submit` (token auth) of the sweep."""
+    bin_dir = Path(sys.executable).parent
+    temp_dir = f"/tmp/rayjs_{uuid.uuid4().hex[:6]}"
+    dash = free_port()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    ports = ["--port", str(free_port()), "--dashboard-port", str(dash),
+             "--ray-client-server-port", str(free_port()),
+             "--dashboard-agent-listen-port", str(free_port()),
+             "--dashboard-agent-grpc-port", str(free_port()),
+             "--metrics-export-port", str(free_port()),
+             "--runtime-env-agent-port", str(free_port()),
+             "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port())]
+    try:
+        subprocess.run([str(bin_dir / "ray"), "start", "--head", "--temp-dir", temp_dir,
+                        "--dashboard-host", "127.0.0.1", "--num-cpus", "2",
+                        "--disable-usage-stats", *ports], env=env, check=True,
+                        capture_output=True, timeout=120)
+        submit = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+             "--working-dir", str(ROOT), "--", "python", "tune/robustness_sweep.py",
+             "--smoke-test", "--grid", str(grid_file), "--only",
+             "schedule.variant=dsae,ts_dsae", "--name", "job", "--storage",
+             str(tmp_path / "sweeps"), "--out", str(tmp_path / "results"),
+             "--tracking-uri", mlflow_server.uri, "--experiment", "sweeps-job",
+             "--cpus-per-worker", "0.45"],
+            env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=600)
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+        assert "succeeded" in submit.stdout + submit.stderr
+    finally:
+        _kill_ray_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    client = mlflow_server.client()
+    exp = client.get_experiment_by_name("sweeps-job")
+    parent = client.search_runs([exp.experiment_id], "tags.`tsdsae.role` = 'sweep'")[0]
+    files = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/robustness.png" in files and "report/summary.md" in files
+    assert (tmp_path / "results" / "job" / "summary.md").exists()

@@ -1,0 +1,301 @@
+"""The robustness sweep: a Ray Tune grid over the Ray Train driver, tracked in MLflow, reported
+as tables and box plots.
+
+    python tune/robustness_sweep.py --smoke-test                      # minutes on 2 CPUs
+    python tune/robustness_sweep.py --grid paper --data s3://bkt/dmelodies --data s3://bkt/urmp \
+        --storage s3://bkt/sweeps --gpus-per-trial 0.25               # the paper's 288 runs
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python tune/robustness_sweep.py --smoke-test --storage /abs/sweeps
+
+Three levels, named by the process they run in:
+    main / run_sweep     the driver: grid -> trial groups -> Tuner; the MLflow parent run; report
+    trial_fn(config)     one Tune trial = one trial group (tune.grid.TrialGroup): calls
+                         tsdsae.ray_train.train_driver_fn for each of its model variants
+    (Ray Train workers)  tsdsae.ray_train.train_loop_per_worker, one DDP job per stage
+
+Stage-1 sharing: dsae_freeze, ts_dsae_wo_reg and ts_dsae share stage 1 for the same seed, z_dim,
+optimiser, dataset and every other key, so their group trains stage 1 once (its own run,
+`<sweep>-<group>-stage1`) and forks stage 2 per variant from that checkpoint. Stage 1 is a pure
+function of the config without the variant, so each variant's result equals an unshared run's.
+
+MLflow: one parent run per sweep (found again by its key on --resume), one child run per grid
+point (model variant) tagged with its grid coordinates, plus one child run per shared stage 1.
+Children are created with the parent's run id explicitly, so nesting survives Ray's processes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # run as a script from a checkout or a job's working dir
+    sys.path.insert(0, str(ROOT))
+
+from tsdsae import tracking  # noqa: E402
+from tsdsae.config import PRESETS, apply_overrides  # noqa: E402
+from tsdsae.storage import open_store  # noqa: E402
+from tune.grid import (SHARED_STAGE_1, VARIANT_KEY, load_grid, narrow, parse_only,  # noqa: E402
+                       trial_groups, validate)
+
+SWEEP_KEY_TAG = "tsdsae.sweep_key"
+ROLE_TAG = "tsdsae.role"
+
+
+# ---------------------------------------------------------------------------------------------
+# Trial side (a Ray Tune trial process)
+
+
+def _run_config(sweep: dict, overrides: dict, variant: str, name: str):
+    cfg = PRESETS[sweep["preset"]]()
+    cfg = apply_overrides(cfg, {**overrides, VARIANT_KEY: variant, "name": name,
+                                "checkpoint.root": sweep["checkpoint_root"],
+                                "tracking.uri": sweep["tracking_uri"],
+                                "tracking.experiment": sweep["experiment"],
+                                "tracking.enabled": True})
+    if sweep.get("endpoint_url"):
+        cfg = apply_overrides(cfg, {"data.endpoint_url": sweep["endpoint_url"]})
+    return cfg
+
+
+def _coord_tags(coords: dict, variant: str | None) -> dict[str, str]:
+    tags = {f"grid.{k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+            for k, v in coords.items()}
+    if variant:
+        tags[f"grid.{VARIANT_KEY}"] = variant
+    return tags
+
+
+def _shared_stage_1(sweep: dict, group: dict, options: dict) -> dict:
+    """Train (or find) the group's shared stage 1; returns its stage_1.json marker."""
+    from tsdsae.ray_train import run_dir, run_stage, split_config
+
+    cfg = _run_config(sweep, group["overrides"], group["variants"][0],
+                      f"{sweep['name']}-{group['key']}-stage1")
+    location = run_dir(cfg)
+    store = open_store(location, cfg.data.endpoint_url or None)
+    if store.exists("stage_1.json"):
+        return json.loads(store.read_bytes("stage_1.json"))
+    tracker = tracking.start_run(
+        cfg, tracking.run_key(location), parent_run_id=sweep["parent_run_id"],
+        tags={ROLE_TAG: "shared_stage_1", "tsdsae.run_dir": location,
+              "tsdsae.shared_by": ",".join(group["variants"]),
+              **_coord_tags(group["coords"], None)})
+    try:
+        _, ray_options = split_config({"run_config": cfg, **options})
+        result = run_stage(cfg, ray_options, 1, None, tracker)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    marker = {"stage": 1, "checkpoint": result.checkpoint.path,
+              "metrics": {k: v for k, v in result.metrics.items()
+                          if isinstance(v, (int, float, str, bool))},
+              "shared_from": location}
+    store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
+    tracker.finish()
+    return marker
+
+
+def trial_fn(config: dict) -> None:
+    """One Tune trial: every model variant of one trial group, each a full Ray Train run."""
+    from ray import tune
+
+    from tsdsae.ray_train import driver_config, run_dir, train_driver_fn
+
+    sweep, group = config["sweep"], config["group"]
+    options = dict(sweep["ray_options"])
+    shared = len(group["variants"]) > 1 and all(v in SHARED_STAGE_1 for v in group["variants"])
+    marker = _shared_stage_1(sweep, group, options) if shared else None
+    metrics: dict[str, Any] = {"group": group["key"]}
+    for variant in group["variants"]:
+        cfg = _run_config(sweep, group["overrides"], variant,
+                          f"{sweep['name']}-{group['key']}-{variant}")
+        location = run_dir(cfg)
+        store = open_store(location, cfg.data.endpoint_url or None)
+        if marker is not None and not store.exists("stage_1.json"):
+            store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
+        # Create (or find) the child run first so its grid tags are there from the start; the
+        # driver resumes the same run by its key.
+        tracking.open_run(cfg.tracking.uri, cfg.tracking.experiment, tracking.run_key(location),
+                          run_name=cfg.name, parent_run_id=sweep["parent_run_id"],
+                          tags={ROLE_TAG: "trial", "tsdsae.group": group["key"],
+                                "tsdsae.shared_stage_1": str(marker is not None),
+                                **_coord_tags(group["coords"], variant)})
+        summary = train_driver_fn(driver_config(cfg, parent_run_id=sweep["parent_run_id"],
+                                                **options))
+        for k, v in (summary.get("eval") or {}).items():
+            metrics[f"{variant}/{k}"] = v
+        metrics[f"{variant}/best_val"] = summary["best_val"]
+    tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python tune/robustness_sweep.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", default="paper",
+                   help="shipped grid (paper, architecture, capacity, smoke) or a YAML file")
+    p.add_argument("--data", action="append", default=[],
+                   help="dataset URI (folder or s3://bucket/prefix; 'toy' for the built-in toy "
+                        "data); repeat for several datasets")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="the smoke grid (every model once, a few epochs) on --data or the toy data")
+    p.add_argument("--only", action="append", default=[], metavar="KEY=V1,V2",
+                   help="narrow an axis (or pin a key), e.g. --only model.z_dim=8,32")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a dotted override for every trial, e.g. --set schedule.max_epochs=500")
+    p.add_argument("--name", help="sweep name (default: the grid's name); rerun the same name "
+                                  "with --resume to continue it")
+    p.add_argument("--storage", default="runs/sweeps",
+                   help="results and checkpoints: a folder or s3://bucket/prefix")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--tracking-uri", default="",
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--experiment", default="tsdsae-sweeps", help="MLflow experiment")
+    p.add_argument("--out", default="results", help="report folder (a subfolder per sweep)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers per run")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="Ray CPUs per worker (default 1, or 0.95 with --smoke-test)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs per run, split across its workers; fractions pack several trials "
+                        "on one GPU (e.g. 0.25)")
+    p.add_argument("--max-concurrent-trials", type=int, default=0,
+                   help="0 = as many as resources allow")
+    p.add_argument("--max-failures", type=int, default=3, help="worker restarts per stage job")
+    p.add_argument("--no-share-stage-1", action="store_true",
+                   help="train stage 1 separately for every variant")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep of the same --name (Tuner.restore)")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    return p
+
+
+def _sweep_settings(args) -> tuple[Any, list[str]]:
+    grid_name = "smoke" if args.smoke_test and args.grid == "paper" else args.grid
+    grid = load_grid(grid_name)
+    if args.only:
+        grid = narrow(grid, parse_only(args.only))
+    if args.set:
+        sets = {k: v[0] for k, v in parse_only(args.set).items()}
+        grid = dataclasses.replace(grid, fixed={**grid.fixed, **sets},
+                                   axes={k: v for k, v in grid.axes.items() if k not in sets})
+        validate(grid)
+    datasets = args.data or (["toy"] if args.smoke_test else [])
+    if not datasets:
+        raise SystemExit("error: give at least one --data URI (or --smoke-test for the toy data)")
+    return grid, datasets
+
+
+def _ray_options(args) -> dict:
+    cpus = args.cpus_per_worker or (0.95 if args.smoke_test else 1.0)
+    options = {"num_workers": args.workers_per_trial, "cpus_per_worker": cpus,
+               "max_failures": args.max_failures}
+    if args.gpus_per_trial > 0:
+        options["use_gpu"] = True
+        options["gpus_per_worker"] = args.gpus_per_trial / args.workers_per_trial
+    return options
+
+
+def run_sweep(args) -> dict:
+    """Run (or resume) a sweep; returns {"parent_run_id", "report": paths, "results": dir}."""
+    import ray
+    from ray import tune
+
+    from tsdsae.ray_train import runtime_env
+    from tune.report import log_report, rows_from_mlflow, write_report
+
+    grid, datasets = _sweep_settings(args)
+    groups = trial_groups(grid, datasets, share_stage_1=not args.no_share_stage_1)
+    name = args.name or grid.name
+    storage = open_store(f"{args.storage.rstrip('/')}/{name}", args.endpoint_url)
+    storage.check(create=True)
+    tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    n_points = sum(len(g.variants) for g in groups)
+    print(f"sweep {name}: grid {grid.name} ({n_points} runs in {len(groups)} trials), "
+          f"datasets {datasets}, storage {storage.uri}, MLflow {tracking_uri}", flush=True)
+
+    parent = tracking.open_run(tracking_uri, args.experiment, f"sweep:{storage.uri}",
+                               run_name=name, tags={ROLE_TAG: "sweep", "tsdsae.grid": grid.name})
+    parent.log_params({"grid": grid.name, "grid_file": grid.source, "runs": n_points,
+                       "trials": len(groups), "datasets": json.dumps(datasets),
+                       "axes": json.dumps(grid.axes), "fixed": json.dumps(grid.fixed),
+                       "share_stage_1": not args.no_share_stage_1})
+    sweep = {"name": name, "preset": grid.preset, "checkpoint_root": f"{storage.uri}/runs",
+             "tracking_uri": tracking_uri, "experiment": args.experiment,
+             "parent_run_id": parent.run_id, "endpoint_url": args.endpoint_url or "",
+             "ray_options": _ray_options(args)}
+    param_space = {"sweep": sweep, "group": tune.grid_search([
+        {"key": g.key, "overrides": g.overrides, "variants": list(g.variants),
+         "coords": g.coords} for g in groups])}
+
+    if not ray.is_initialized():
+        ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=True)
+    from tsdsae.storage import pyarrow_filesystem
+    tune_path, filesystem = pyarrow_filesystem(f"{storage.uri}/tune", args.endpoint_url)
+    trainable = tune.with_resources(trial_fn, {"cpu": 0.01})
+    experiment_path = f"{tune_path.rstrip('/')}/{name}"
+    try:
+        if args.resume and tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+            print(f"resuming sweep {name} from {experiment_path}", flush=True)
+            tuner = tune.Tuner.restore(experiment_path, trainable=trainable,
+                                       resume_unfinished=True, restart_errored=True,
+                                       storage_filesystem=filesystem)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=args.max_concurrent_trials or None,
+                    trial_dirname_creator=lambda t: f"trial_{t.config['group']['key']}",
+                    trial_name_creator=lambda t: f"{name}-{t.config['group']['key']}"),
+                run_config=tune.RunConfig(name=name, storage_path=tune_path,
+                                          storage_filesystem=filesystem,
+                                          failure_config=tune.FailureConfig(max_failures=1)))
+        results = tuner.fit()
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    errors = [r.error for r in results if r.error]
+
+    rows = rows_from_mlflow(parent.run_id, tracking_uri)
+    out_dir = Path(args.out) / name
+    paths = write_report(rows, out_dir)
+    log_report(paths, parent.run_id, tracking_uri)
+    parent.log_metrics({"finished_runs": float(len(rows)), "failed_trials": float(len(errors))})
+    parent.finish("FAILED" if errors else "FINISHED")
+    if errors:
+        print(f"{len(errors)} trial(s) failed: {errors[0]!r}", file=sys.stderr)
+    return {"parent_run_id": parent.run_id, "report": paths, "results": str(out_dir),
+            "tracking_uri": tracking_uri, "errors": len(errors), "runs": len(rows)}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    try:
+        out = run_sweep(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print((Path(out["report"]["summary_md"])).read_text())
+    print(f"report: {out['results']} (summary.md, summary.csv, trials.csv, robustness.png), "
+          f"also logged to MLflow run {out['parent_run_id']}")
+    ui = out["tracking_uri"]
+    if ui.startswith("sqlite:") or ui.startswith("/"):
+        print(f"MLflow UI: mlflow ui --backend-store-uri {ui} --host 127.0.0.1 --port 5000")
+    else:
+        print(f"MLflow UI: open {ui}")
+    print(f"sweep finished in {time.time() - t0:.0f} s: {out['runs']} runs, "
+          f"{out['errors']} failed trials", flush=True)
+    return 1 if out["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -120,12 +120,15 @@ def trial_fn(config: dict) -> None:
         if marker is not None and not store.exists("stage_1.json"):
             store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
         # Create (or find) the child run first so its grid tags are there from the start; the
-        # driver resumes the same run by its key.
-        tracking.open_run(cfg.tracking.uri, cfg.tracking.experiment, tracking.run_key(location),
-                          run_name=cfg.name, parent_run_id=sweep["parent_run_id"],
-                          tags={ROLE_TAG: "trial", "tsdsae.group": group["key"],
-                                "tsdsae.shared_stage_1": str(marker is not None),
-                                **_coord_tags(group["coords"], variant)})
+        # driver resumes the same run by its key. A finished run is left as it is: the driver
+        # returns its stored summary.
+        if not store.exists("result.json"):
+            tracking.open_run(cfg.tracking.uri, cfg.tracking.experiment,
+                              tracking.run_key(location),
+                              run_name=cfg.name, parent_run_id=sweep["parent_run_id"],
+                              tags={ROLE_TAG: "trial", "tsdsae.group": group["key"],
+                                    "tsdsae.shared_stage_1": str(marker is not None),
+                                    **_coord_tags(group["coords"], variant)})
         summary = train_driver_fn(driver_config(cfg, parent_run_id=sweep["parent_run_id"],
                                                 **options))
         for k, v in (summary.get("eval") or {}).items():

@@ -339,9 +339,10 @@ def _storage(cfg: RunConfig, endpoint: str | None) -> tuple[str, Any]:
 
 
 def run_stage(cfg: RunConfig, options: RayOptions, stage: int, init_checkpoint=None,
-              tracker: tracking.Tracker | None = None):
+              tracker: tracking.Tracker | None = None, callbacks: list | None = None):
     """Fit the TorchTrainer of one stage (Ray run `stage_<k>` under the run's location).
-    Resumes that Ray run if it exists. Returns ray.train.Result; raises if training failed."""
+    Resumes that Ray run if it exists. `callbacks`: ray.train.UserCallback objects (e.g. Tune's
+    TuneReportCallback). Returns ray.train.Result; raises if training failed."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -361,6 +362,7 @@ def run_stage(cfg: RunConfig, options: RayOptions, stage: int, init_checkpoint=N
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=f"stage_{stage}", storage_path=storage_path, storage_filesystem=filesystem,
+            callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=options.keep_checkpoints)))
     return trainer.fit()
@@ -379,12 +381,14 @@ def _stage_checkpoint(marker: dict, filesystem):
     return ray.train.Checkpoint(marker["checkpoint"], filesystem=filesystem)
 
 
-def train_driver_fn(config: Mapping[str, Any]) -> dict:
+def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None) -> dict:
     """Train one run on Ray: every stage as its own DDP job, in order, then evaluate.
 
     `config`: see split_config (dotted config keys over a preset, or a run_config, plus RayOptions
-    keys; `parent_run_id` nests the MLflow run under a sweep's run). Ray must be initialised, or
-    Ray starts a local instance. Returns the summary: run_dir, best_checkpoint, last_checkpoint,
+    keys; `parent_run_id` nests the MLflow run under a sweep's run). The run's `name` decides its
+    location, so distinct runs (Tune trials) need distinct names. `callbacks` go to every stage's
+    TorchTrainer (ray.train.UserCallback, e.g. TuneReportCallback). Starts a local Ray with
+    runtime_env() unless Ray is initialised. Returns the summary: run_dir, best_checkpoint, last_checkpoint,
     epochs_run, best_epoch, best_val, stopped_early, eval (LDA F1 scores), mlflow_run_id,
     tracking_uri. A finished run returns its stored summary without training.
     """
@@ -411,7 +415,7 @@ def train_driver_fn(config: Mapping[str, Any]) -> dict:
             if store.exists(name):
                 marker = json.loads(store.read_bytes(name))
             else:
-                result = run_stage(cfg, options, stage, previous, tracker)
+                result = run_stage(cfg, options, stage, previous, tracker, callbacks)
                 marker = {"stage": stage, "checkpoint": result.checkpoint.path,
                           "metrics": _jsonable(result.metrics)}
                 store.write_bytes(name, json.dumps(marker, indent=1).encode())

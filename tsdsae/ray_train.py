@@ -396,13 +396,13 @@ def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None) ->
 
     cfg, options = split_config(config)
     cfg = _with_endpoint(cfg)
-    if not ray.is_initialized():
-        ray.init(runtime_env=runtime_env())
     endpoint = cfg.data.endpoint_url or None
     location = run_dir(cfg)
     store = open_store(location, endpoint)
     if store.exists("result.json"):
         return json.loads(store.read_bytes("result.json"))
+    if not ray.is_initialized():
+        ray.init(runtime_env=runtime_env())
     _, filesystem = _storage(cfg, endpoint)
     tracker = tracking.start_run(
         cfg, tracking.run_key(location), parent_run_id=options.parent_run_id or None,

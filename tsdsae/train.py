@@ -140,10 +140,11 @@ def _train_on_ray(cfg, options: dict, args) -> dict:
     from tsdsae.storage import open_store
 
     location = run_dir(cfg)
-    if args.no_resume and open_store(location, cfg.data.endpoint_url or None).list():
+    store = open_store(location, cfg.data.endpoint_url or None)
+    if args.no_resume and store.list():
         raise CliError(f"{location} already holds a run; --no-resume with Ray needs a new "
                        "--name (or delete that run)", 2)
-    if not ray.is_initialized():
+    if not ray.is_initialized() and not store.exists("result.json"):   # finished: no Ray needed
         ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=not args.quiet)
     try:
         summary = train_driver_fn(options)

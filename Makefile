@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml scripts/setup_system.sh
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The main job on embedded defaults: render the paper's dMelodies dataset (skipped when it is
+# already there), run the smoke robustness sweep on a local Ray, write the report.
 run: setup
-	$(PY) -m tsdsae.train --preset debug --name debug-toy
+	$(PY) -m data_prep.dmelodies data/dmelodies
+	$(PY) tune/robustness_sweep.py --smoke-test --data data/dmelodies
 
 test: setup
 	$(PY) -m pytest -q

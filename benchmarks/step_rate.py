@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from tsdsae import schedule  # noqa: E402
 from tsdsae.config import ModelConfig, VARIANTS  # noqa: E402
 from tsdsae.model import DSAE  # noqa: E402
-from tsdsae.train_step import build_optimizer, train_step  # noqa: E402
+from tsdsae.train_step import build_optimizer, keep_freed_memory, train_step  # noqa: E402
 from tsdsae.trainer import PriorCache  # noqa: E402
 from tsdsae.dataset import Split  # noqa: E402
 
@@ -211,6 +211,7 @@ def main(argv=None) -> None:
                    help="with --ray: numbers of workers to measure (default: 1 2)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()     # as the trainer does
     device = torch.device(args.device)
     if args.model or args.stage or args.z_dim:
         variants = [args.model or "ts_dsae"]

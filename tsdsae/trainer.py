@@ -28,7 +28,7 @@ from tsdsae import checkpoint, schedule
 from tsdsae.config import DataConfig, RunConfig, to_flat
 from tsdsae.dataset import Dataset, Split
 from tsdsae.model.dsae import DSAE
-from tsdsae.train_step import build_optimizer, eval_step, train_step
+from tsdsae.train_step import build_optimizer, eval_step, keep_freed_memory, train_step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,6 +105,7 @@ class Trainer:
                  callbacks: list[Callable[[dict], None]] | None = None, progress: bool = True,
                  rank: int = 0, world_size: int = 1):
         self.cfg = cfg
+        keep_freed_memory()
         self.rank, self.world_size = rank, world_size
         self.device = resolve_device(cfg.device) if device is None else torch.device(device)
         self.data = data if data is not None else load_data(cfg.data)

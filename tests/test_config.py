@@ -53,3 +53,9 @@ def test_direct_construction_validates():
         ModelConfig(z_posterior="rnn")
     with pytest.raises(ValueError, match="device"):
         RunConfig(device="tpu")
+
+
+def test_keys_checked_together_can_change_together():
+    cfg = apply_overrides(paper(), {"schedule.switch_epoch": 5000, "schedule.max_epochs": 9000})
+    assert (cfg.schedule.switch_epoch, cfg.schedule.max_epochs) == (5000, 9000)
+    assert from_flat(to_flat(cfg)) == cfg

@@ -34,6 +34,10 @@ fixed:
   schedule.max_epochs: 3
   schedule.patience: 3
   checkpoint.every: 1
+  tracking.figures: true
+  tracking.pitch: true
+  tracking.crepe_model: tiny
+  tracking.pitch_clips: 4
 """
 
 
@@ -42,6 +46,15 @@ def grid_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("grid") / "tiny.yaml"
     path.write_text(GRID)
     return path
+
+
+def test_gpu_shares_split_across_workers():
+    args = sweep_mod.build_parser().parse_args(["--data", "toy", "--gpus-per-trial", "0.5",
+                                                "--workers-per-trial", "2"])
+    options = sweep_mod._ray_options(args)
+    assert options["use_gpu"] and options["gpus_per_worker"] == 0.25
+    from tsdsae.ray_train import split_config
+    assert split_config({"preset": "debug", **options})[1].gpus_per_worker == 0.25
 
 
 def _args(grid_file, root: Path, mlflow_uri: str, name: str, *extra: str):
@@ -87,6 +100,10 @@ def test_smoke_sweep_writes_a_report_and_one_child_run_per_grid_point(smoke, mlf
         epochs = client.get_metric_history(run.info.run_id, "stage")
         n = 3 if run.data.tags["grid.schedule.variant"] == "dsae" else 1
         assert len(epochs) == n, run.data.tags["grid.schedule.variant"]
+        files = {f.path for f in client.list_artifacts(run.info.run_id, "figures")}
+        assert {"figures/swap_grid.png", "figures/v_projection.png",
+                "figures/z_trajectories.png", "figures/swaps"} <= files, files
+        assert "eval_rpa_recon" in run.data.metrics or "eval_rpa_n_clips" in run.data.metrics
     parent_files = {f.path for f in client.list_artifacts(out["parent_run_id"], "report")}
     assert {"report/summary.md", "report/robustness.png", "report/summary.csv"} <= parent_files
 

@@ -146,10 +146,16 @@ class TrackingConfig:
     enabled: bool = True
     uri: str = ""
     experiment: str = "tsdsae"
+    figures: bool = True        # swap grid, swap WAVs, v projection, z trajectories at the end
+    pitch: bool = True          # the local metric (CREPE raw pitch accuracy) at the end
+    crepe_model: str = "full"   # 'full' as in the paper; 'tiny' is ~10x faster on CPU
+    pitch_clips: int = 32       # evaluation clips scored by CREPE (0 = all)
 
     def __post_init__(self) -> None:
         if not self.experiment:
             raise ValueError("tracking.experiment must be a non-empty experiment name")
+        _choice("tracking.crepe_model", self.crepe_model, ("full", "tiny"))
+        _positive("tracking.pitch_clips", self.pitch_clips, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -203,7 +209,7 @@ def debug(**top) -> RunConfig:
         data=DataConfig(uri="toy", toy_clips=256, toy_seconds=1.0),
         optim=OptimConfig(batch_size=32),
         schedule=ScheduleConfig(switch_epoch=5, max_epochs=12, patience=12),
-        tracking=TrackingConfig(enabled=False),
+        tracking=TrackingConfig(enabled=False, figures=False, pitch=False),
         **top)
 
 
@@ -282,30 +288,37 @@ def _coerce(key: str, raw, typ):
     raise ValueError(f"{key}={raw!r} is not a valid {name}")
 
 
-def _set(cfg, parts: list[str], raw, full_key: str):
+def _set_many(cfg, items: list[tuple[list[str], typing.Any, str]]):
+    """Apply (path parts, raw value, full key) items to `cfg`, one replace per section, so that
+    keys checked together (schedule.switch_epoch vs schedule.max_epochs) can change together."""
     hints = _field_types(type(cfg))
     names = [f.name for f in dataclasses.fields(cfg)]
-    head = parts[0]
-    if head not in names:
-        raise ValueError(f"unknown config key {full_key!r}; keys here are {sorted(names)}")
-    current = getattr(cfg, head)
-    if len(parts) == 1:
-        if dataclasses.is_dataclass(current):
-            raise ValueError(f"{full_key!r} is a section; set one of its keys, "
-                             f"e.g. {full_key}.{dataclasses.fields(current)[0].name}")
-        return dataclasses.replace(cfg, **{head: _coerce(full_key, raw, hints[head])})
-    if not dataclasses.is_dataclass(current):
-        raise ValueError(f"unknown config key {full_key!r}: {head!r} is not a section")
-    return dataclasses.replace(cfg, **{head: _set(current, parts[1:], raw, full_key)})
+    direct: dict[str, typing.Any] = {}
+    nested: dict[str, list] = {}
+    for parts, raw, full_key in items:
+        head = parts[0]
+        if head not in names:
+            raise ValueError(f"unknown config key {full_key!r}; keys here are {sorted(names)}")
+        current = getattr(cfg, head)
+        if len(parts) == 1:
+            if dataclasses.is_dataclass(current):
+                raise ValueError(f"{full_key!r} is a section; set one of its keys, "
+                                 f"e.g. {full_key}.{dataclasses.fields(current)[0].name}")
+            direct[head] = _coerce(full_key, raw, hints[head])
+        elif not dataclasses.is_dataclass(current):
+            raise ValueError(f"unknown config key {full_key!r}: {head!r} is not a section")
+        else:
+            nested.setdefault(head, []).append((parts[1:], raw, full_key))
+    for head, sub in nested.items():
+        direct[head] = _set_many(getattr(cfg, head), sub)
+    return dataclasses.replace(cfg, **direct) if direct else cfg
 
 
 def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
-    """Apply "a.b=value" strings or a {"a.b": value} mapping; every result is re-validated."""
+    """Apply "a.b=value" strings or a {"a.b": value} mapping; the result is re-validated."""
     items = overrides.items() if isinstance(overrides, dict) else [
         _split_override(o) for o in overrides]
-    for key, raw in items:
-        cfg = _set(cfg, key.split("."), raw, key)
-    return cfg
+    return _set_many(cfg, [(key.split("."), raw, key) for key, raw in items])
 
 
 def _split_override(text: str) -> tuple[str, str]:

@@ -67,6 +67,8 @@ class RayOptions:
     use_gpu          one GPU per worker (NCCL); else CPU workers (gloo). On Ray this, not the
                      config's `device`, places the model
     cpus_per_worker  Ray CPU resources per worker (fractions let 2 workers share 1 CPU)
+    gpus_per_worker  with use_gpu: the GPU share of a worker; a fraction packs several small
+                     trials on one GPU (a sweep's --gpus-per-trial 0.25 puts 4 on each)
     threads          torch threads per worker; 0 = max(1, int(cpus_per_worker))
     max_failures     worker-group restarts per stage job (FailureConfig); -1 = unlimited
     parent_run_id    MLflow run to nest this run's run under (a sweep's run)
@@ -80,6 +82,7 @@ class RayOptions:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
     threads: int = 0
     max_failures: int = 3
     parent_run_id: str = ""
@@ -92,6 +95,8 @@ class RayOptions:
             raise ValueError(f"num_workers={self.num_workers} must be >= 1")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker={self.cpus_per_worker} must be > 0")
+        if not 0 < self.gpus_per_worker <= 1:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker} must be in (0, 1]")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be >= 0 (0 = from cpus_per_worker)")
         if self.max_failures < -1:
@@ -349,7 +354,9 @@ def run_stage(cfg: RunConfig, options: RayOptions, stage: int, init_checkpoint=N
     endpoint = resolve_endpoint(cfg.data.endpoint_url or None)
     storage_path, filesystem = _storage(cfg, endpoint)
     tracker = tracker or tracking.NullTracker()
-    resources = {"CPU": options.cpus_per_worker}       # with use_gpu Ray adds GPU: 1
+    resources = {"CPU": options.cpus_per_worker}
+    if options.use_gpu:
+        resources["GPU"] = options.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -457,10 +464,13 @@ def _evaluate_best(cfg: RunConfig, summary: dict, tracker: tracking.Tracker) -> 
     model.load_state_dict(state["model"])
     model.load_snapshot_state_dict(state["snapshot"])
     data = load_data(cfg.data)
-    scores = evaluate(model, data, cfg.data.eval_split)
+    t = cfg.tracking
+    scores = evaluate(model, data, cfg.data.eval_split, pitch=t.pitch and t.enabled,
+                      crepe_model=t.crepe_model, pitch_clips=t.pitch_clips or None)
     tracking.log_final(tracker, model, data, scores, summary["best_checkpoint"], endpoint,
                        cfg.data.eval_split, step=summary["best_epoch"],
-                       summary={k: summary[k] for k in ("best_val", "best_epoch", "epochs_run")})
+                       summary={k: summary[k] for k in ("best_val", "best_epoch", "epochs_run")},
+                       figures=t.figures)
     return scores
 
 

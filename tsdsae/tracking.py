@@ -305,12 +305,16 @@ def reconstruction_png(model, split, path: str | os.PathLike, n: int = 4, seed: 
 
 def log_final(tracker: Tracker, model, data, scores: Mapping[str, float],
               checkpoint_uri: str | None = None, endpoint_url: str | None = None,
-              split: str = "val", step: int = 0, summary: Mapping[str, Any] | None = None) -> None:
-    """The end of a run: evaluation scores (as eval_*), `summary` numbers (best_val, ...), a
-    reconstruction-spectrogram PNG of `split` and the checkpoint file (local or s3://)."""
+              split: str = "val", step: int = 0, summary: Mapping[str, Any] | None = None,
+              figures: bool = False) -> None:
+    """The end of a run: evaluation scores (as eval_*; NaN ones, e.g. a pitch metric with no
+    voiced clip, are left out), `summary` numbers (best_val, ...), a reconstruction-spectrogram
+    PNG of `split`, the checkpoint file (local or s3://) and, with `figures`, the pictures and
+    sounds of tsdsae.figures.trial_artifacts (swap grid, swap WAVs, v projection, z paths)."""
     if not tracker.active:
         return
-    metrics = {f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))}
+    metrics = {f"eval_{k}": v for k, v in scores.items()
+               if isinstance(v, (int, float)) and math.isfinite(float(v))}
     metrics.update({k: v for k, v in (summary or {}).items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)
                     and math.isfinite(float(v))})
@@ -320,6 +324,13 @@ def log_final(tracker: Tracker, model, data, scores: Mapping[str, float],
     with tempfile.TemporaryDirectory() as tmp:
         png = reconstruction_png(model, data[split], Path(tmp) / "reconstructions.png")
         tracker.log_artifact(png, "figures")
+        if figures:
+            from tsdsae.figures import trial_artifacts
+
+            out = Path(tmp) / "trial"
+            for path in trial_artifacts(model, data, out, split=split):
+                rel = path.relative_to(out).parent
+                tracker.log_artifact(path, "figures" if str(rel) == "." else f"figures/{rel}")
         if checkpoint_uri:
             from tsdsae.storage import open_store
 

@@ -115,13 +115,17 @@ def _train_here(cfg, args) -> dict:
                                           "best_checkpoint")}
         if not args.no_eval:
             best = trainer.best_model()
+            t = cfg.tracking
             summary["eval"] = evaluate(best, trainer.data, cfg.data.eval_split,
-                                       device=trainer.device)
+                                       device=trainer.device, pitch=t.pitch and tracker.active,
+                                       crepe_model=t.crepe_model,
+                                       pitch_clips=t.pitch_clips or None)
             tracking.log_final(tracker, best, trainer.data, summary["eval"],
                                trainer.best_uri, trainer.endpoint, cfg.data.eval_split,
                                step=max(result["best_epoch"], 0),
                                summary={k: result[k] for k in ("best_val", "best_epoch",
-                                                               "epochs_run")})
+                                                               "epochs_run")},
+                               figures=t.figures)
     except BaseException as exc:
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise

@@ -230,3 +230,15 @@ def test_ray_job_submit_runs_the_smoke_sweep(mlflow_server, grid_file, tmp_path)
     files = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/robustness.png" in files and "report/summary.md" in files
     assert (tmp_path / "results" / "job" / "summary.md").exists()
+
+
+def test_local_dataset_paths_reach_workers_as_absolute_paths(tmp_path, monkeypatch):
+    from tsdsae.config import apply_overrides, debug
+    from tsdsae.ray_train import resolve_locations
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_locations(apply_overrides(debug(), {"data.uri": "data/dm"}))
+    assert cfg.data.uri == str(tmp_path / "data" / "dm")
+    assert resolve_locations(debug()).data.uri == "toy"
+    args = sweep_mod.build_parser().parse_args(["--data", "data/dm", "--data", "s3://b/p"])
+    assert sweep_mod._sweep_settings(args)[1] == [str(tmp_path / "data" / "dm"), "s3://b/p"]

@@ -375,12 +375,17 @@ def run_stage(cfg: RunConfig, options: RayOptions, stage: int, init_checkpoint=N
     return trainer.fit()
 
 
-def _with_endpoint(cfg: RunConfig) -> RunConfig:
-    # Resolve AWS_ENDPOINT_URL once here: workers then need no environment for the endpoint.
+def resolve_locations(cfg: RunConfig) -> RunConfig:
+    """The config as workers need it, resolved on the driver: AWS_ENDPOINT_URL made explicit
+    (workers then need no environment for it) and a local dataset path made absolute (Ray
+    workers run in their own working directory)."""
+    updates = {}
     endpoint = resolve_endpoint(cfg.data.endpoint_url or None)
     if endpoint and endpoint != cfg.data.endpoint_url:
-        cfg = apply_overrides(cfg, {"data.endpoint_url": endpoint})
-    return cfg
+        updates["data.endpoint_url"] = endpoint
+    if cfg.data.uri != "toy" and "://" not in cfg.data.uri:
+        updates["data.uri"] = str(Path(cfg.data.uri).expanduser().absolute())
+    return apply_overrides(cfg, updates) if updates else cfg
 
 
 def _stage_checkpoint(marker: dict, filesystem):
@@ -402,7 +407,7 @@ def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None) ->
     import ray
 
     cfg, options = split_config(config)
-    cfg = _with_endpoint(cfg)
+    cfg = resolve_locations(cfg)
     endpoint = cfg.data.endpoint_url or None
     location = run_dir(cfg)
     store = open_store(location, endpoint)

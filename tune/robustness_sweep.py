@@ -73,10 +73,10 @@ def _coord_tags(coords: dict, variant: str | None) -> dict[str, str]:
 
 def _shared_stage_1(sweep: dict, group: dict, options: dict) -> dict:
     """Train (or find) the group's shared stage 1; returns its stage_1.json marker."""
-    from tsdsae.ray_train import run_dir, run_stage, split_config
+    from tsdsae.ray_train import resolve_locations, run_dir, run_stage, split_config
 
-    cfg = _run_config(sweep, group["overrides"], group["variants"][0],
-                      f"{sweep['name']}-{group['key']}-stage1")
+    cfg = resolve_locations(_run_config(sweep, group["overrides"], group["variants"][0],
+                                        f"{sweep['name']}-{group['key']}-stage1"))
     location = run_dir(cfg)
     store = open_store(location, cfg.data.endpoint_url or None)
     if store.exists("stage_1.json"):
@@ -191,7 +191,9 @@ def _sweep_settings(args) -> tuple[Any, list[str]]:
         grid = dataclasses.replace(grid, fixed={**grid.fixed, **sets},
                                    axes={k: v for k, v in grid.axes.items() if k not in sets})
         validate(grid)
-    datasets = args.data or (["toy"] if args.smoke_test else [])
+    # Local dataset folders as absolute paths: trials and workers run in other directories.
+    datasets = [d if d == "toy" or "://" in d else str(Path(d).expanduser().absolute())
+                for d in args.data] or (["toy"] if args.smoke_test else [])
     if not datasets:
         raise SystemExit("error: give at least one --data URI (or --smoke-test for the toy data)")
     return grid, datasets

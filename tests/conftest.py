@@ -148,3 +148,16 @@ def mlflow_server(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_path(tmp_path_factory):
+    """A debug-trained checkpoint (3 epochs on 64 toy clips: seconds), shared by the inference,
+    swap and export tests."""
+    from tsdsae.config import apply_overrides, debug
+    from tsdsae.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("runs")
+    cfg = apply_overrides(debug(), [f"checkpoint.root={root}", "data.toy_clips=64",
+                                    "schedule.switch_epoch=1", "schedule.max_epochs=3"])
+    return Trainer(cfg, progress=False).fit()["best_checkpoint"]

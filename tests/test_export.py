@@ -10,7 +10,6 @@ import torch
 from tsdsae import export, features, inference
 from tsdsae.config import apply_overrides, debug
 from tsdsae.toy import synthesise
-from tsdsae.trainer import Trainer
 
 # Runs in a fresh interpreter where `import tsdsae` fails: the artifact needs torch only.
 RUNNER = textwrap.dedent("""
@@ -34,14 +33,6 @@ RUNNER = textwrap.dedent("""
     for name, value in outs.items():
         np.save(f"{io}/out_{name}.npy", value.detach().numpy())
 """)
-
-
-@pytest.fixture(scope="module")
-def checkpoint_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    cfg = apply_overrides(debug(), [f"checkpoint.root={root}", "data.toy_clips=64",
-                                    "schedule.switch_epoch=1", "schedule.max_epochs=3"])
-    return Trainer(cfg, progress=False).fit()["best_checkpoint"]
 
 
 def test_export_round_trip_in_a_fresh_process(checkpoint_path, tmp_path):

@@ -4,22 +4,11 @@ import soundfile as sf
 import torch
 
 from tsdsae import features, inference
-from tsdsae.config import apply_overrides, debug
 from tsdsae.data import load_dataset
 from tsdsae.inference import AudioError, prepare_audio, read_clip
 from tsdsae.toy import synthesise
-from tsdsae.trainer import Trainer
 
 MELODY = np.array([60, 62, 64, 65, 67, 69, 71, 72])
-
-
-@pytest.fixture(scope="module")
-def checkpoint_path(tmp_path_factory):
-    """A debug-trained checkpoint (a few epochs on a small toy set: seconds)."""
-    root = tmp_path_factory.mktemp("runs")
-    cfg = apply_overrides(debug(), [f"checkpoint.root={root}", "data.toy_clips=64",
-                                    "schedule.switch_epoch=1", "schedule.max_epochs=3"])
-    return Trainer(cfg, progress=False).fit()["best_checkpoint"]
 
 
 @pytest.fixture(scope="module")

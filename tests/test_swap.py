@@ -5,20 +5,10 @@ import pytest
 import soundfile as sf
 
 from tsdsae import swap
-from tsdsae.config import apply_overrides, debug
 from tsdsae.toy import synthesise
-from tsdsae.trainer import Trainer
 
 OUTPUTS = ("content_input", "timbre_input", "content_recon", "timbre_recon", "global_swap",
            "local_swap")
-
-
-@pytest.fixture(scope="module")
-def checkpoint_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    cfg = apply_overrides(debug(), [f"checkpoint.root={root}", "data.toy_clips=64",
-                                    "schedule.switch_epoch=1", "schedule.max_epochs=3"])
-    return Trainer(cfg, progress=False).fit()["best_checkpoint"]
 
 
 @pytest.fixture(scope="module")

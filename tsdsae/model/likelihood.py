@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import MLP, SequenceEncoder, tanh
+from tsdsae.model.layers import MLP, SequenceEncoder
 
 
 class Likelihood(nn.Module):

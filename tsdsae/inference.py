@@ -327,9 +327,7 @@ class InferenceModel:
                    mask_b: torch.Tensor | None = None, sample_rate: int | None = None
                    ) -> torch.Tensor:
         """decode(z_b, v_a): b's melody with a's global factor (timbre). (B, T_b, F)."""
-        a = self.encode(x_a, mask_a, sample_rate=sample_rate)
-        b = self.encode(x_b, mask_b, sample_rate=sample_rate)
-        return self.decode(b.z, a.v, b.mask)
+        return self.swap_global(x_b, x_a, mask_a=mask_b, mask_b=mask_a, sample_rate=sample_rate)
 
     @staticmethod
     def to_audio(feats: torch.Tensor, n_iter: int = 32) -> torch.Tensor:

@@ -222,9 +222,7 @@ class DSAE(nn.Module):
     @torch.no_grad()
     def swap_local(self, x_a, mask_a, x_b, mask_b) -> torch.Tensor:
         """decode(z_b, v_a): b's melody with a's global factor (timbre). (B, T_b, F)."""
-        v_a, _ = self.encode_means(x_a, mask_a)
-        _, z_b = self.encode_means(x_b, mask_b)
-        return self.decode(z_b, v_a, mask_b)
+        return self.swap_global(x_b, mask_b, x_a, mask_a)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

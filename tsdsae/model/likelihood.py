@@ -41,10 +41,10 @@ class Likelihood(nn.Module):
 
     def decode_many(self, z: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Means for K pairings of the same z: z (B, T, Z), vs (K, B, V) -> (K, B, T, F)."""
-        k, b, _ = vs.shape
-        t = z.shape[1]
         if self.kind == "^":
             return self.out(self.hidden_many(z, vs))
+        k, b, _ = vs.shape
+        t = z.shape[1]
         zz = z.unsqueeze(0).expand(k, -1, -1, -1)
         zv = torch.cat([zz, vs.unsqueeze(2).expand(-1, -1, t, -1)], dim=-1).reshape(k * b, t, -1)
         h = self.net(zv, mask.repeat(k, 1))

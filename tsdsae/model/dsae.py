@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import normal
+from tsdsae.model.layers import linear_on_half, normal, on_half
 from tsdsae.model.likelihood import Likelihood
 from tsdsae.model.v_posterior import VPosterior
 from tsdsae.model.z_posterior import ZPosterior
@@ -132,16 +132,18 @@ class DSAE(nn.Module):
     def _fused_encoders(self) -> bool:
         return self.cfg.v_posterior == "^" and self.cfg.z_feature == "^"
 
-    def _reencode_decoded(self, h: torch.Tensor, mask: torch.Tensor, sample: bool,
+    def _reencode_decoded(self, s: torch.Tensor, mask: torch.Tensor, sample: bool,
                           v_sample: bool) -> tuple[Normal, Normal]:
-        """q(v | x), q(z | x) of x = likelihood.out(h), from the decoder's last hidden h."""
+        """q(v | x), q(z | x) of x = likelihood.out(2s - 1), from the sigmoid form s of the
+        decoder's last hidden layer (tsdsae.model.layers)."""
         out = self.likelihood.out
         pre = []
         for first in (self.v_posterior.encoder.mlp.first, self.z_posterior.features.mlp.first):
-            pre.append(F.linear(h, first.weight @ out.weight, first.weight @ out.bias + first.bias))
-        qv = self.v_posterior.from_first(pre[0], mask)
+            w, b = on_half(first.weight @ out.weight, first.weight @ out.bias + first.bias)
+            pre.append(F.linear(s, 2.0 * w, 2.0 * b))     # twice the first layer's output
+        qv = self.v_posterior.from_first(pre[0], mask, scaled=True)
         v = qv.rsample() if v_sample else None
-        qz, _ = self.z_posterior.from_first(pre[1], v, sample=sample)
+        qz, _ = self.z_posterior.from_first(pre[1], v, sample=sample, scaled=True)
         return qv, qz
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor, sample: bool = True
@@ -185,7 +187,7 @@ class DSAE(nn.Module):
         if self._fused_encoders and self.cfg.likelihood == "^":
             hidden = self.likelihood.hidden_many(z, vs)                       # (3, B, T, H)
             h_main, h_swap = hidden.split([1, 2])
-            x_mean = self.likelihood.out(h_main.squeeze(0))                   # (B, T, F)
+            x_mean = linear_on_half(h_main.squeeze(0), self.likelihood.out)   # (B, T, F)
             qv_swap, qz_swap = self._reencode_decoded(
                 h_swap.reshape(2 * b, *h_swap.shape[2:]), mask2, needs_sample,
                 self.cfg.v_condition)

@@ -1,7 +1,22 @@
-"""Building blocks shared by the factor modules: MLPs, masked pooling, mask-aware LSTMs."""
+"""Building blocks shared by the factor modules: MLPs, masked pooling, mask-aware LSTMs.
+
+Every tanh unit of the MLPs is evaluated in *sigmoid form*. Since tanh(a) = 2 sigmoid(2a) - 1,
+a hidden layer keeps s = sigmoid(2a) instead of y = tanh(a) = 2s - 1, and the factor 2 and the
+affine map 2s - 1 are folded into the adjacent linear maps (small ops on the weights):
+
+    W y + b = (2W) s + (b - W 1)        a linear map of a tanh output, applied to s
+
+so a hidden layer costs one GEMM and one sigmoid pass over its activations. Same parameters and
+the same function up to float rounding (differences of order 1e-7); on CPU torch's sigmoid is
+also about 10x faster than its tanh, and the separate scale and affine passes of 2 sigmoid(2a) - 1
+would cost as much as the sigmoid itself. Modules that hand a hidden layer to a linear consumer
+(a Gaussian head, the decoder's output layer, masked pooling) pass s and fold; `MLP.forward`
+returns y for every other caller.
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
@@ -12,63 +27,58 @@ def normal(mean: torch.Tensor, logvar: torch.Tensor) -> Normal:
     return Normal(mean, torch.exp(0.5 * logvar), validate_args=False)
 
 
-_MINUS_ONE = torch.tensor(-1.0)
+def on_half(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') with W' s + b' = W (2s - 1) + b: a linear map of a tanh output y = 2s - 1,
+    rewritten to act on its sigmoid form s."""
+    shift = -weight.sum(dim=1)
+    return 2.0 * weight, shift if bias is None else bias + shift
 
 
-class _Tanh(torch.autograd.Function):
-    """tanh computed as 2 sigmoid(2x) - 1.
-
-    The same function up to float rounding (absolute difference <= 1.2e-7), but on CPU torch's
-    sigmoid kernel is about 10x faster than its tanh kernel, and tanh is the largest elementwise
-    cost of a step. The backward is the usual (1 - y^2) g.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        # -1 + 2 * sigmoid(2x): three single passes over memory (scale, sigmoid, affine)
-        y = torch.add(_MINUS_ONE, torch.sigmoid(x * 2.0), alpha=2.0)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return torch.ops.aten.tanh_backward(grad, y)
-
-
-def tanh(x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu" and x.dtype == torch.float32:
-        return _Tanh.apply(x)
-    return torch.tanh(x)     # elsewhere the native kernel is fast and fusable
-
-
-class Tanh(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tanh(x)
+def linear_on_half(s: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """`linear(2s - 1)` without materialising 2s - 1."""
+    return F.linear(s, *on_half(linear.weight, linear.bias))
 
 
 class MLP(nn.Module):
-    """Linear -> tanh for every hidden size (including the last hidden one), as in the paper."""
+    """Linear -> tanh for every hidden size (including the last hidden one), as in the paper.
+
+    `layers` holds the parameters in order (Linear, Tanh, Linear, Tanh, ...); the passes evaluate
+    them in sigmoid form (module docstring): `half(x)` returns s with tanh output 2s - 1.
+    """
 
     def __init__(self, in_dim: int, hidden: tuple[int, ...]):
         super().__init__()
         layers: list[nn.Module] = []
         for h in hidden:
-            layers += [nn.Linear(in_dim, h), Tanh()]
+            layers += [nn.Linear(in_dim, h), nn.Tanh()]
             in_dim = h
         self.layers = nn.Sequential(*layers)
         self.out_dim = in_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+    @property
+    def linears(self) -> list[nn.Linear]:
+        return [m for m in self.layers if isinstance(m, nn.Linear)]
 
     @property
     def first(self) -> nn.Linear:
         return self.layers[0]
 
-    def tail(self, pre: torch.Tensor) -> torch.Tensor:
-        """The MLP given its first Linear's output (pre-activation): tanh, then the rest."""
-        return self.layers[2:](tanh(pre))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The tanh outputs of the last hidden layer (..., out_dim)."""
+        return 2.0 * self.half(x) - 1.0
+
+    def half(self, x: torch.Tensor) -> torch.Tensor:
+        """Sigmoid form s of the last hidden layer: tanh output = 2s - 1."""
+        first = self.first
+        return self.half_from_first(F.linear(x, 2.0 * first.weight, 2.0 * first.bias), scaled=True)
+
+    def half_from_first(self, pre: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+        """`half` given the first Linear's output (pre-activation a, or 2a when `scaled`)."""
+        s = torch.sigmoid(pre if scaled else 2.0 * pre)
+        for linear in self.linears[1:]:
+            w, b = on_half(linear.weight, linear.bias)
+            s = torch.sigmoid(F.linear(s, 2.0 * w, 2.0 * b))
+        return s
 
 
 class GaussianHead(nn.Module):
@@ -79,14 +89,18 @@ class GaussianHead(nn.Module):
         self.mean = nn.Linear(in_dim, out_dim)
         self.logvar = nn.Linear(in_dim, out_dim)
 
-    def forward(self, h: torch.Tensor) -> Normal:
-        return normal(*self.mean_logvar(h))
+    def forward(self, h: torch.Tensor, half: bool = False) -> Normal:
+        return normal(*self.mean_logvar(h, half))
 
-    def mean_logvar(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mean_logvar(self, h: torch.Tensor, half: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of features h, or of 2h - 1 when `half` (h a sigmoid form)."""
         # both heads in one GEMM (same parameters, one pass over h)
         w = torch.cat([self.mean.weight, self.logvar.weight])
         b = torch.cat([self.mean.bias, self.logvar.bias])
-        return torch.nn.functional.linear(h, w, b).chunk(2, dim=-1)
+        if half:
+            w, b = on_half(w, b)
+        return F.linear(h, w, b).chunk(2, dim=-1)
 
 
 def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -94,6 +108,15 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(h.dtype)
     # a batched matmul (B, 1, T) @ (B, T, H): no (B, T, H) temporary for h * m
     return torch.bmm(m.unsqueeze(1), h).squeeze(1) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def masked_mean_half(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`masked_mean(2s - 1, mask)` for a sigmoid form s (B, T, H): the affine map is applied to
+    the pooled (B, H) sums, not to the frames."""
+    m = mask.to(s.dtype)
+    count = m.sum(dim=1, keepdim=True)
+    total = torch.bmm(m.unsqueeze(1), s).squeeze(1)
+    return (2.0 * total - count) / count.clamp_min(1.0)
 
 
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

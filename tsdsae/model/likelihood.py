@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import MLP, SequenceEncoder
+from tsdsae.model.layers import MLP, SequenceEncoder, linear_on_half
 
 
 class Likelihood(nn.Module):
@@ -31,18 +31,19 @@ class Likelihood(nn.Module):
         self.out = nn.Linear(self.net.out_dim, cfg.input_dim)
 
     def hidden_many(self, z: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
-        """Last hidden layer of the frame-wise MLP for K pairings of the same z:
-        z (B, T, Z), vs (K, B, V) -> (K, B, T, H). Means are `self.out` of it."""
+        """Last hidden layer of the frame-wise MLP, in sigmoid form s (hidden = 2s - 1, see
+        tsdsae.model.layers), for K pairings of the same z: z (B, T, Z), vs (K, B, V) ->
+        (K, B, T, H). Means are `linear_on_half(s, self.out)`."""
         first: nn.Linear = self.net.first
-        w_z, w_v = first.weight[:, :self.z_dim], first.weight[:, self.z_dim:]
-        hz = F.linear(z, w_z)                                                # (B, T, H)
-        hv = F.linear(vs, w_v, first.bias)                                   # (K, B, H)
-        return self.net.tail(hz.unsqueeze(0) + hv.unsqueeze(2))             # (K, B, T, H)
+        w = 2.0 * first.weight                                               # sigmoid form: 2a
+        hz = F.linear(z, w[:, :self.z_dim])                                  # (B, T, H)
+        hv = F.linear(vs, w[:, self.z_dim:], 2.0 * first.bias)               # (K, B, H)
+        return self.net.half_from_first(hz.unsqueeze(0) + hv.unsqueeze(2), scaled=True)
 
     def decode_many(self, z: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Means for K pairings of the same z: z (B, T, Z), vs (K, B, V) -> (K, B, T, F)."""
         if self.kind == "^":
-            return self.out(self.hidden_many(z, vs))
+            return linear_on_half(self.hidden_many(z, vs), self.out)
         k, b, _ = vs.shape
         t = z.shape[1]
         zz = z.unsqueeze(0).expand(k, -1, -1, -1)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import GaussianHead, SequenceEncoder, masked_mean
+from tsdsae.model.layers import GaussianHead, SequenceEncoder, masked_mean, masked_mean_half
 
 
 class VPosterior(nn.Module):
@@ -22,8 +22,11 @@ class VPosterior(nn.Module):
         self.head = GaussianHead(self.encoder.out_dim, cfg.v_dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> Normal:
+        if self.encoder.kind == "^":     # pool the MLP's sigmoid form (tsdsae.model.layers)
+            return self.head(masked_mean_half(self.encoder.mlp.half(x), mask))
         return self.head(masked_mean(self.encoder(x, mask), mask))
 
-    def from_first(self, pre: torch.Tensor, mask: torch.Tensor) -> Normal:
-        """The same posterior given the frame MLP's first-layer output (B, T, H) (MLP option)."""
-        return self.head(masked_mean(self.encoder.mlp.tail(pre), mask))
+    def from_first(self, pre: torch.Tensor, mask: torch.Tensor, scaled: bool = False) -> Normal:
+        """The same posterior given the frame MLP's first-layer output (B, T, H) (MLP option;
+        twice that output when `scaled`)."""
+        return self.head(masked_mean_half(self.encoder.mlp.half_from_first(pre, scaled), mask))

@@ -40,19 +40,26 @@ class ZPosterior(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, v: torch.Tensor | None = None,
                 sample: bool = True) -> tuple[Normal, torch.Tensor]:
+        if self.features.kind == "^":    # the MLP's sigmoid form (tsdsae.model.layers)
+            return self.from_features(self.features.mlp.half(x), v, sample, half=True)
         return self.from_features(self.features(x, mask), v, sample)
 
-    def from_first(self, pre: torch.Tensor, v: torch.Tensor | None = None, sample: bool = True
-                   ) -> tuple[Normal, torch.Tensor]:
-        """The same posterior given the feature MLP's first-layer output (B, T, H) (MLP option)."""
-        return self.from_features(self.features.mlp.tail(pre), v, sample)
+    def from_first(self, pre: torch.Tensor, v: torch.Tensor | None = None, sample: bool = True,
+                   scaled: bool = False) -> tuple[Normal, torch.Tensor]:
+        """The same posterior given the feature MLP's first-layer output (B, T, H) (MLP option;
+        twice that output when `scaled`)."""
+        return self.from_features(self.features.mlp.half_from_first(pre, scaled), v, sample,
+                                  half=True)
 
-    def from_features(self, feat: torch.Tensor, v: torch.Tensor | None, sample: bool
-                      ) -> tuple[Normal, torch.Tensor]:
+    def from_features(self, feat: torch.Tensor, v: torch.Tensor | None, sample: bool,
+                      half: bool = False) -> tuple[Normal, torch.Tensor]:
+        """feat: the features, or their sigmoid form s (features 2s - 1) when `half`."""
+        if half and (self.v_condition or self.kind != "x"):
+            feat, half = 2.0 * feat - 1.0, False
         if self.v_condition:
             feat = torch.cat([feat, v.unsqueeze(1).expand(-1, feat.shape[1], -1)], dim=-1)
         if self.kind == "x":
-            q = self.head(feat)
+            q = self.head(feat, half=half)
             return q, (q.rsample() if sample else q.mean)
         return self._autoregressive(feat, sample)
 
@@ -67,12 +74,12 @@ class ZPosterior(nn.Module):
         for step in range(t):
             h = torch.cat([feat[:, step], z_prev], dim=-1)
             if self.kind == ">":
-                h = self.step_mlp(h)
+                h = self.step_mlp.half(h)
             else:
                 for i, cell in enumerate(self.cells):
                     state[i] = cell(h, state[i])
                     h = state[i][0]
-            mean, logvar = self.head.mean_logvar(h)
+            mean, logvar = self.head.mean_logvar(h, half=self.kind == ">")
             z_prev = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample else mean
             means.append(mean)
             logvars.append(logvar)

@@ -31,7 +31,9 @@ class ZPrior(nn.Module):
         if self.kind == "x":
             zeros = torch.zeros_like(z)
             return normal(zeros, zeros)
-        h = self.net(z[:, :-1])                                              # (B, T-1, H)
-        mean, logvar = self.head.mean_logvar(h)
+        if self.kind == ">":    # the MLP's sigmoid form (tsdsae.model.layers)
+            mean, logvar = self.head.mean_logvar(self.net.half(z[:, :-1]), half=True)
+        else:
+            mean, logvar = self.head.mean_logvar(self.net(z[:, :-1]))       # (B, T-1, H)
         first = mean.new_zeros(z.shape[0], 1, z.shape[2])                    # p(z_1) = N(0, I)
         return normal(torch.cat([first, mean], 1), torch.cat([first, logvar], 1))

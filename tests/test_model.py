@@ -6,7 +6,8 @@ import torch
 from tsdsae.config import ModelConfig
 from tsdsae.losses import elbo_terms, gaussian_kl, masked_time_mean, standard_normal_kl, swap_terms
 from tsdsae.model import DSAE, count_parameters
-from tsdsae.model.layers import normal, reverse_padded
+from tsdsae.model.layers import (MLP, GaussianHead, linear, masked_mean, masked_mean_half, normal,
+                                  reverse_padded)
 
 # distinct tiny sizes so that a swapped axis cannot pass: B 2, T 3, F 4, Z 5, V 6
 B, T, F, Z, V = 2, 3, 4, 5, 6
@@ -54,6 +55,43 @@ def test_every_option_gives_the_right_shapes_and_ignores_padding():
         terms2 = elbo_terms(x2, mask, model(x2, mask, swap_perm=torch.tensor([1, 0])))
         for k in terms:
             assert torch.allclose(terms[k], terms2[k], atol=1e-5), (cfg, k)
+
+
+def test_sigmoid_form_is_the_tanh_network():
+    torch.manual_seed(0)
+    mlp = MLP(F, (7, 11))
+    x = torch.randn(B, T, F)
+    y = x
+    for layer in mlp.linears:
+        y = torch.tanh(layer(y))
+    assert torch.allclose(mlp(x), y, atol=1e-6)
+    s = mlp.half(x)
+    assert torch.allclose(2 * s - 1, y, atol=1e-6)
+    head = GaussianHead(11, Z)
+    for a, b in zip(head.mean_logvar(s, half=True), head.mean_logvar(y)):
+        assert torch.allclose(a, b, atol=1e-6)
+    mask = torch.tensor([[True, True, False], [False, False, False]])    # one empty sequence
+    assert torch.allclose(masked_mean_half(s, mask), masked_mean(y, mask), atol=1e-6)
+
+
+@pytest.mark.parametrize("bias, transposed", [(True, False), (False, True)])
+def test_cpu_linear_runs_in_onednn_and_matches_f_linear(bias, transposed):
+    torch.manual_seed(0)
+    x = torch.randn(3, 1000, F)                       # 3000 rows: above the oneDNN threshold
+    if transposed:                                    # a non-contiguous input
+        x = torch.randn(3, F, 1000).transpose(1, 2)
+    x.requires_grad_(True)
+    w = torch.randn(V, F, requires_grad=True)
+    b = torch.randn(V, requires_grad=True) if bias else None
+    g = torch.randn(3, 1000, V)
+    y = linear(x, w, b)
+    assert "OneDNN" in type(y.grad_fn).__name__
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], g)
+    y_ref = torch.nn.functional.linear(x, w, b)
+    refs = torch.autograd.grad(y_ref, [t for t in (x, w, b) if t is not None], g)
+    assert y.shape == (3, 1000, V) and torch.allclose(y, y_ref, atol=1e-5)
+    for got, ref in zip(grads, refs):
+        assert got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-5, atol=1e-3)
 
 
 def test_kl_of_a_distribution_with_itself_is_zero():

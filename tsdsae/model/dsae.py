@@ -20,12 +20,11 @@ import copy
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import linear_on_half, normal, on_half
+from tsdsae.model.layers import linear, linear_on_half, normal, on_half
 from tsdsae.model.likelihood import Likelihood
 from tsdsae.model.v_posterior import VPosterior
 from tsdsae.model.z_posterior import ZPosterior
@@ -140,7 +139,7 @@ class DSAE(nn.Module):
         pre = []
         for first in (self.v_posterior.encoder.mlp.first, self.z_posterior.features.mlp.first):
             w, b = on_half(first.weight @ out.weight, first.weight @ out.bias + first.bias)
-            pre.append(F.linear(s, 2.0 * w, 2.0 * b))     # twice the first layer's output
+            pre.append(linear(s, 2.0 * w, 2.0 * b))     # twice the first layer's output
         qv = self.v_posterior.from_first(pre[0], mask, scaled=True)
         v = qv.rsample() if v_sample else None
         qz, _ = self.z_posterior.from_first(pre[1], v, sample=sample, scaled=True)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import MLP, SequenceEncoder, linear_on_half
+from tsdsae.model.layers import MLP, SequenceEncoder, linear, linear_on_half
 
 
 class Likelihood(nn.Module):
@@ -36,7 +36,7 @@ class Likelihood(nn.Module):
         (K, B, T, H). Means are `linear_on_half(s, self.out)`."""
         first: nn.Linear = self.net.first
         w = 2.0 * first.weight                                               # sigmoid form: 2a
-        hz = F.linear(z, w[:, :self.z_dim])                                  # (B, T, H)
+        hz = linear(z, w[:, :self.z_dim])                                  # (B, T, H)
         hv = F.linear(vs, w[:, self.z_dim:], 2.0 * first.bias)               # (K, B, H)
         return self.net.half_from_first(hz.unsqueeze(0) + hv.unsqueeze(2), scaled=True)
 

@@ -49,7 +49,7 @@ class Likelihood(nn.Module):
         zz = z.unsqueeze(0).expand(k, -1, -1, -1)
         zv = torch.cat([zz, vs.unsqueeze(2).expand(-1, -1, t, -1)], dim=-1).reshape(k * b, t, -1)
         h = self.net(zv, mask.repeat(k, 1))
-        return self.out(h).view(k, b, t, -1)
+        return linear(h, self.out.weight, self.out.bias).view(k, b, t, -1)
 
     def forward(self, z: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> Normal:
         mean = self.decode_many(z, v.unsqueeze(0), mask)[0]

@@ -112,6 +112,7 @@ def _ray_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
+    keep_freed_memory()     # as the trainer does in every worker
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     configure_device(device)
     share = BatchShare(world)

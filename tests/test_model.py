@@ -2,9 +2,11 @@ import itertools
 
 import pytest
 import torch
+from torch.distributions import Normal
 
 from tsdsae.config import ModelConfig
-from tsdsae.losses import elbo_terms, gaussian_kl, masked_time_mean, standard_normal_kl, swap_terms
+from tsdsae.losses import (elbo_terms, gaussian_kl, masked_kl_mean, masked_time_mean,
+                           standard_normal_kl, swap_terms)
 from tsdsae.model import DSAE, count_parameters
 from tsdsae.model.layers import (MLP, GaussianHead, linear, masked_mean, masked_mean_half, normal,
                                   reverse_padded)
@@ -101,6 +103,47 @@ def test_kl_of_a_distribution_with_itself_is_zero():
     assert torch.allclose(standard_normal_kl(std), torch.zeros(B, Z))
     p = normal(torch.zeros(B, T, Z), torch.zeros(B, T, Z))
     assert torch.allclose(gaussian_kl(q, p), standard_normal_kl(q), atol=1e-5)
+
+
+def test_kl_from_log_variances_matches_the_scale_form():
+    torch.manual_seed(0)
+    q = normal(torch.randn(B, T, Z), torch.randn(B, T, Z))
+    p = normal(torch.randn(B, T, Z), torch.randn(B, T, Z))
+    plain = lambda d: Normal(d.loc, d.scale, validate_args=False)     # noqa: E731
+    assert torch.allclose(gaussian_kl(q, p), gaussian_kl(plain(q), plain(p)), rtol=1e-5)
+    assert torch.allclose(standard_normal_kl(q), standard_normal_kl(plain(q)), rtol=1e-5)
+    # same draws as torch's Normal
+    torch.manual_seed(1)
+    a = q.rsample()
+    torch.manual_seed(1)
+    assert torch.allclose(a, plain(q).rsample())
+
+
+def test_fused_masked_kl_matches_the_composed_loss_and_its_gradients():
+    torch.manual_seed(0)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    params = [torch.randn(B, T, Z, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+
+    def fused(mq, lq, mp, lp):
+        return masked_kl_mean(normal(mq, lq), normal(mp, lp), mask)
+
+    def composed(mq, lq, mp, lp):
+        q = Normal(mq, torch.exp(0.5 * lq), validate_args=False)
+        p = Normal(mp, torch.exp(0.5 * lp), validate_args=False)
+        return masked_time_mean(gaussian_kl(q, p), mask)
+
+    assert fused(*params).grad_fn is not None and "MaskedGaussianKL" in type(
+        fused(*params).grad_fn).__name__
+    assert fused(*params).item() == pytest.approx(composed(*params).item(), rel=1e-12)
+    grads = torch.autograd.grad(fused(*params), params)
+    refs = torch.autograd.grad(composed(*params), params)
+    for got, ref in zip(grads, refs):
+        assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)
+    assert grads[0][1, 2].abs().sum() == 0            # a padding frame gets no gradient
+    assert torch.autograd.gradcheck(fused, params)
+    # a target that needs no gradient
+    p = [params[0], params[1], params[2].detach(), params[3].detach()]
+    assert torch.allclose(torch.autograd.grad(fused(*p), p[:2])[1], refs[1], rtol=1e-10)
 
 
 def test_masked_time_mean_is_the_reference_averaging():

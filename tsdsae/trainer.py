@@ -28,6 +28,7 @@ from tsdsae import checkpoint, schedule
 from tsdsae.config import DataConfig, RunConfig, to_flat
 from tsdsae.dataset import Dataset, Split
 from tsdsae.model.dsae import DSAE
+from tsdsae.model.layers import normal
 from tsdsae.train_step import build_optimizer, eval_step, keep_freed_memory, train_step
 
 
@@ -78,18 +79,15 @@ def batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
 
 class PriorCache:
     """q_snapshot(v | x) for every clip of a split, computed once at the switch: the snapshot is
-    frozen and the inputs are fixed, so its posterior per clip never changes. loc/scale (N, V)."""
+    frozen and the inputs are fixed, so its posterior per clip never changes. loc/logvar (N, V)."""
 
     def __init__(self, model: DSAE, split: Split, batch: int = 512):
-        locs, scales = [], []
-        for s in range(0, len(split), batch):
-            q = model.informed_prior(split.features[s:s + batch], split.mask[s:s + batch])
-            locs.append(q.loc)
-            scales.append(q.scale)
-        self.loc, self.scale = torch.cat(locs), torch.cat(scales)
+        parts = [model.informed_prior(split.features[s:s + batch], split.mask[s:s + batch])
+                 for s in range(0, len(split), batch)]
+        self.prior = normal(torch.cat([q.loc for q in parts]), torch.cat([q.logvar for q in parts]))
 
     def __call__(self, index: torch.Tensor) -> Normal:
-        return Normal(self.loc[index], self.scale[index], validate_args=False)
+        return self.prior.rows(index)
 
 
 class Trainer:

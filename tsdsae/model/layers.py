@@ -21,7 +21,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Normal
+from torch.distributions import Distribution, Normal
 
 
 # -- frame-wise linear maps -----------------------------------------------------------------------
@@ -103,10 +103,43 @@ def plain_linear():
 
 # -- Gaussians, sigmoid form, MLPs ---------------------------------------------------------------
 
-def normal(mean: torch.Tensor, logvar: torch.Tensor) -> Normal:
-    """A diagonal Gaussian from mean and log-variance. Argument validation is off: it would
-    synchronise with the device on every step."""
-    return Normal(mean, torch.exp(0.5 * logvar), validate_args=False)
+class DiagNormal(Normal):
+    """A diagonal Gaussian kept as mean and log-variance (`loc`, `logvar`); its `scale`,
+    exp(logvar / 2), is computed on first use. The KL terms work from the log-variances
+    (tsdsae.losses), so distributions that are only compared never pay for the scale.
+    Argument validation is off: it would synchronise with the device on every step."""
+
+    def __init__(self, loc: torch.Tensor, logvar: torch.Tensor):
+        if loc.shape != logvar.shape:
+            loc, logvar = torch.broadcast_tensors(loc, logvar)
+        self.loc, self.logvar = loc, logvar
+        self._scale: torch.Tensor | None = None
+        Distribution.__init__(self, self.loc.shape, validate_args=False)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        if self._scale is None:
+            self._scale = torch.exp(0.5 * self.logvar)
+        return self._scale
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        # the same draws as Normal.rsample; loc + eps * scale in one pass
+        eps = torch.empty(self._extended_shape(sample_shape), dtype=self.loc.dtype,
+                          device=self.loc.device).normal_()
+        return torch.addcmul(self.loc, eps, self.scale)
+
+    def expand(self, batch_shape, _instance=None) -> "DiagNormal":
+        shape = torch.Size(batch_shape)
+        return DiagNormal(self.loc.expand(shape), self.logvar.expand(shape))
+
+    def rows(self, index) -> "DiagNormal":
+        """The distribution of the batch rows `index` (a slice or an index tensor)."""
+        return DiagNormal(self.loc[index], self.logvar[index])
+
+
+def normal(mean: torch.Tensor, logvar: torch.Tensor) -> DiagNormal:
+    """A diagonal Gaussian from mean and log-variance."""
+    return DiagNormal(mean, logvar)
 
 
 def on_half(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -184,7 +184,7 @@ class DSAE(nn.Module):
         # Only an autoregressive or v-conditioned posterior needs the re-encoding's samples.
         needs_sample = self.cfg.z_posterior != "x" or self.cfg.v_condition
         if self._fused_encoders and self.cfg.likelihood == "^":
-            hidden = self.likelihood.hidden_many(z, vs)                       # (3, B, T, H)
+            hidden = self.likelihood.hidden_many(z, vs)                       # (3, B, T, H), sigmoid form
             h_main, h_swap = hidden.split([1, 2])
             x_mean = linear_on_half(h_main.squeeze(0), self.likelihood.out)   # (B, T, F)
             qv_swap, qz_swap = self._reencode_decoded(

@@ -36,7 +36,7 @@ class Likelihood(nn.Module):
         (K, B, T, H). Means are `linear_on_half(s, self.out)`."""
         first: nn.Linear = self.net.first
         w = 2.0 * first.weight                                               # sigmoid form: 2a
-        hz = linear(z, w[:, :self.z_dim])                                  # (B, T, H)
+        hz = linear(z, w[:, :self.z_dim])                                    # (B, T, H)
         hv = F.linear(vs, w[:, self.z_dim:], 2.0 * first.bias)               # (K, B, H)
         return self.net.half_from_first(hz.unsqueeze(0) + hv.unsqueeze(2), scaled=True)
 

@@ -11,7 +11,9 @@ Lines:
            and S3. On a busy 2-core machine worker processes compete with each other and with
            whatever else runs; cpu_us_per_sample shows the reader's own cost.
 S3 is a moto server on 127.0.0.1 (fake credentials), so S3 numbers measure the HTTP path, not
-a real object store. Training consumes about 128 samples x ~5 steps/s = 640 samples/s.
+a real object store. x_training compares with what training consumes on this 2-core CPU:
+128 samples x ~7 TS-DSAE stage-2 steps/s (benchmarks/step_rate.py, ~140 ms) = ~900 samples/s
+(stage 1 and DSAE steps are faster: ~3,100 and ~1,800 samples/s).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from data_prep.dmelodies import prepare_dmelodies
 from tsdsae.data import MANIFEST_NAME, collate_samples, load_dataset, stream_split
 from tsdsae.storage import open_store
 
-TRAINING_RATE = 640.0
+TRAINING_RATE = 900.0
 
 
 def emit(**record) -> None:

@@ -561,7 +561,7 @@ class StreamingSplit(torch.utils.data.IterableDataset):
                                       rng=rng))
         # Members are decoded by check_sample (decode_npy never unpickles; json and flac have
         # no pickle path), not by a wds.decode stage: one decoder, one set of error messages,
-        # and ~10 us less per sample than webdataset's handler dispatch.
+        # and a few us less per sample than webdataset's handler dispatch.
         stages.append(wds.map(self._to_item))
         return wds.DataPipeline(*stages)
 

@@ -146,10 +146,10 @@ def runtime_env() -> dict:
     """The job-level Ray runtime_env for `ray.init`.
 
     - MALLOC_ARENA_MAX=1: Ray Train runs the training loop in a thread of the worker process,
-      and glibc gives such threads their own malloc arenas, which (unlike the main heap that
-      `keep_freed_memory` tunes) hand the ~150 MB of activations back to the OS each step:
-      steps were 6-8 % slower in a thread than in a main thread. One arena, set before the
-      threads exist, removes the difference.
+      and glibc serves other threads from separate arenas, which do not keep freed activations
+      the way the main heap does under `keep_freed_memory`: the same step measured 6-8 %
+      slower in a thread than in a main thread. One arena, set before the threads exist,
+      removed the difference.
     - When tsdsae runs from a source checkout rather than an installed package, its root goes
       on the workers' PYTHONPATH (Ray's workers and the Train controller unpickle tsdsae
       objects and need to import it).

@@ -140,9 +140,9 @@ class DSAE(nn.Module):
         for first in (self.v_posterior.encoder.mlp.first, self.z_posterior.features.mlp.first):
             w, b = on_half(first.weight @ out.weight, first.weight @ out.bias + first.bias)
             pre.append(linear(s, 2.0 * w, 2.0 * b))     # twice the first layer's output
-        qv = self.v_posterior.from_first(pre[0], mask, scaled=True)
+        qv = self.v_posterior.from_first(pre[0], mask)
         v = qv.rsample() if v_sample else None
-        qz, _ = self.z_posterior.from_first(pre[1], v, sample=sample, scaled=True)
+        qz, _ = self.z_posterior.from_first(pre[1], v, sample=sample)
         return qv, qz
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor, sample: bool = True

@@ -185,11 +185,11 @@ class MLP(nn.Module):
     def half(self, x: torch.Tensor) -> torch.Tensor:
         """Sigmoid form s of the last hidden layer: tanh output = 2s - 1."""
         first = self.first
-        return self.half_from_first(linear(x, 2.0 * first.weight, 2.0 * first.bias), scaled=True)
+        return self.half_from_first(linear(x, 2.0 * first.weight, 2.0 * first.bias))
 
-    def half_from_first(self, pre: torch.Tensor, scaled: bool = False) -> torch.Tensor:
-        """`half` given the first Linear's output (pre-activation a, or 2a when `scaled`)."""
-        s = torch.sigmoid(pre if scaled else 2.0 * pre)
+    def half_from_first(self, pre2: torch.Tensor) -> torch.Tensor:
+        """`half` given twice the first Linear's output, 2a (callers fold the 2 into weights)."""
+        s = torch.sigmoid(pre2)
         for layer in self.linears[1:]:
             w, b = on_half(layer.weight, layer.bias)
             s = torch.sigmoid(linear(s, 2.0 * w, 2.0 * b))

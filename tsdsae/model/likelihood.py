@@ -38,7 +38,7 @@ class Likelihood(nn.Module):
         w = 2.0 * first.weight                                               # sigmoid form: 2a
         hz = linear(z, w[:, :self.z_dim])                                    # (B, T, H)
         hv = F.linear(vs, w[:, self.z_dim:], 2.0 * first.bias)               # (K, B, H)
-        return self.net.half_from_first(hz.unsqueeze(0) + hv.unsqueeze(2), scaled=True)
+        return self.net.half_from_first(hz.unsqueeze(0) + hv.unsqueeze(2))
 
     def decode_many(self, z: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Means for K pairings of the same z: z (B, T, Z), vs (K, B, V) -> (K, B, T, F)."""

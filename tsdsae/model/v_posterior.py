@@ -26,7 +26,7 @@ class VPosterior(nn.Module):
             return self.head(masked_mean_half(self.encoder.mlp.half(x), mask))
         return self.head(masked_mean(self.encoder(x, mask), mask))
 
-    def from_first(self, pre: torch.Tensor, mask: torch.Tensor, scaled: bool = False) -> Normal:
-        """The same posterior given the frame MLP's first-layer output (B, T, H) (MLP option;
-        twice that output when `scaled`)."""
-        return self.head(masked_mean_half(self.encoder.mlp.half_from_first(pre, scaled), mask))
+    def from_first(self, pre2: torch.Tensor, mask: torch.Tensor) -> Normal:
+        """The same posterior given twice the frame MLP's first-layer output (B, T, H) (MLP
+        option; see MLP.half_from_first)."""
+        return self.head(masked_mean_half(self.encoder.mlp.half_from_first(pre2), mask))

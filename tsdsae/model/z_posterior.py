@@ -44,12 +44,11 @@ class ZPosterior(nn.Module):
             return self.from_features(self.features.mlp.half(x), v, sample, half=True)
         return self.from_features(self.features(x, mask), v, sample)
 
-    def from_first(self, pre: torch.Tensor, v: torch.Tensor | None = None, sample: bool = True,
-                   scaled: bool = False) -> tuple[Normal, torch.Tensor]:
-        """The same posterior given the feature MLP's first-layer output (B, T, H) (MLP option;
-        twice that output when `scaled`)."""
-        return self.from_features(self.features.mlp.half_from_first(pre, scaled), v, sample,
-                                  half=True)
+    def from_first(self, pre2: torch.Tensor, v: torch.Tensor | None = None, sample: bool = True
+                   ) -> tuple[Normal, torch.Tensor]:
+        """The same posterior given twice the feature MLP's first-layer output (B, T, H) (MLP
+        option; see MLP.half_from_first)."""
+        return self.from_features(self.features.mlp.half_from_first(pre2), v, sample, half=True)
 
     def from_features(self, feat: torch.Tensor, v: torch.Tensor | None, sample: bool,
                       half: bool = False) -> tuple[Normal, torch.Tensor]:

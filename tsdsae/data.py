@@ -181,7 +181,7 @@ def check_sample(raw: dict, manifest: dict, shard: str, decode_audio: bool = Fal
         if ext not in raw:
             raise ShardError(shard, f"member {key}.{ext} is missing", key)
     try:
-        feats = decode_npy(raw[FEATURE_EXT]) if isinstance(raw[FEATURE_EXT], bytes) else raw[FEATURE_EXT]
+        feats = decode_npy(raw[FEATURE_EXT])
     except Exception as exc:                                  # noqa: BLE001 - any decoder failure
         raise ShardError(shard, f"undecodable {key}.npy ({exc})", key) from None
     frames, n_mels = manifest["num_frames"], manifest["feature_params"]["n_mels"]
@@ -191,7 +191,7 @@ def check_sample(raw: dict, manifest: dict, shard: str, decode_audio: bool = Fal
     if not np.isfinite(feats).all():
         raise ShardError(shard, f"{key}.npy holds NaN or inf", key)
     try:
-        labels = decode_json(raw[LABEL_EXT]) if isinstance(raw[LABEL_EXT], bytes) else raw[LABEL_EXT]
+        labels = decode_json(raw[LABEL_EXT])
     except Exception as exc:                                  # noqa: BLE001
         raise ShardError(shard, f"undecodable {key}.json ({exc})", key) from None
     if not isinstance(labels, dict) or labels.get("instrument") not in manifest["instruments"]:

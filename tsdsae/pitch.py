@@ -126,14 +126,6 @@ def raw_pitch_accuracy(reference: PitchTrack, estimate: PitchTrack,
     return out
 
 
-def rpa_audio(reference: torch.Tensor | np.ndarray, estimate: torch.Tensor | np.ndarray,
-              **crepe_kwargs) -> np.ndarray:
-    """Per-clip RPA (B,) of estimate audio against reference audio, both (S,) or (B, S) at
-    16 kHz. `crepe_kwargs` go to `crepe_f0` (model, decoder, threshold, device, ...)."""
-    return raw_pitch_accuracy(crepe_f0(reference, **crepe_kwargs),
-                              crepe_f0(estimate, **crepe_kwargs))
-
-
 def mean_rpa(values: np.ndarray) -> float:
     """Average of per-clip RPAs over clips that have one (NaN when none has)."""
     values = np.asarray(values, dtype=np.float64)

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from conftest import free_port
-from tsdsae.storage import (ObjectNotFound, StorageError, open_store, pyarrow_filesystem,
-                            split_s3_uri)
+from tsdsae.storage import (ObjectNotFound, StorageError, absolute_location, open_store,
+                            pyarrow_filesystem, split_s3_uri)
 
 
 def _round_trip(store, tmp_path):
@@ -108,6 +108,13 @@ def test_pyarrow_filesystem_shares_the_endpoint(s3_server, tmp_path):
         out.write(b"from pyarrow")
     store = open_store(f"s3://{bucket}/ray", endpoint_url=s3_server.endpoint_url)
     assert store.read_bytes("marker.txt") == b"from pyarrow"
+
+
+def test_absolute_location(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_location("data/x") == str(tmp_path / "data" / "x")
+    assert absolute_location("/abs/x") == "/abs/x"
+    assert absolute_location("s3://b/x") == "s3://b/x"
 
 
 def test_split_s3_uri():

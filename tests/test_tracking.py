@@ -74,6 +74,11 @@ def test_one_run_per_key_and_each_epoch_once(mlflow_server):
     assert fresh.run_id != first.run_id
     assert [r.info.run_id for r in tracking.find_runs(mlflow_server.uri, experiment, "runs/a")] \
         == [fresh.run_id]
+    fresh.fail(KeyboardInterrupt())                             # Ctrl-C: KILLED, not FAILED
+    assert client.get_run(fresh.run_id).info.status == "KILLED"
+    other = tracking.start_run(cfg, "runs/b")
+    other.fail(RuntimeError("worker died"))
+    assert client.get_run(other.run_id).info.status == "FAILED"
 
 
 def test_child_runs_nest_under_an_explicit_parent_run(mlflow_server):

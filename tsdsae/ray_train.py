@@ -47,7 +47,7 @@ import torch
 
 from tsdsae import checkpoint, schedule, tracking
 from tsdsae.config import PRESETS, RunConfig, apply_overrides
-from tsdsae.storage import open_store, pyarrow_filesystem, resolve_endpoint
+from tsdsae.storage import absolute_location, open_store, pyarrow_filesystem, resolve_endpoint
 from tsdsae.trainer import Trainer, load_data
 
 STATE_FILE = "state.pt"
@@ -391,8 +391,9 @@ def resolve_locations(cfg: RunConfig) -> RunConfig:
     endpoint = resolve_endpoint(cfg.data.endpoint_url or None)
     if endpoint and endpoint != cfg.data.endpoint_url:
         updates["data.endpoint_url"] = endpoint
-    if cfg.data.uri != "toy" and "://" not in cfg.data.uri:
-        updates["data.uri"] = str(Path(cfg.data.uri).expanduser().absolute())
+    uri = cfg.data.uri if cfg.data.uri == "toy" else absolute_location(cfg.data.uri)
+    if uri != cfg.data.uri:
+        updates["data.uri"] = uri
     return apply_overrides(cfg, updates) if updates else cfg
 
 
@@ -450,7 +451,7 @@ def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None) ->
             summary["eval"] = _evaluate_best(cfg, summary, tracker)
         store.write_bytes("result.json", json.dumps(summary, indent=1).encode())
     except BaseException as exc:
-        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        tracker.fail(exc)
         raise
     tracker.finish()
     return summary
@@ -468,7 +469,6 @@ def _jsonable(metrics: Mapping[str, Any]) -> dict:
 def _evaluate_best(cfg: RunConfig, summary: dict, tracker: tracking.Tracker) -> dict:
     """LDA F1 scores of the best checkpoint (on the driver's CPU), logged with a reconstruction
     PNG and the checkpoint file."""
-    from tsdsae.evaluate import evaluate
     from tsdsae.model.dsae import DSAE
 
     endpoint = cfg.data.endpoint_url or None
@@ -476,15 +476,8 @@ def _evaluate_best(cfg: RunConfig, summary: dict, tracker: tracking.Tracker) -> 
     model = DSAE(cfg.model)
     model.load_state_dict(state["model"])
     model.load_snapshot_state_dict(state["snapshot"])
-    data = load_data(cfg.data)
-    t = cfg.tracking
-    scores = evaluate(model, data, cfg.data.eval_split, pitch=t.pitch and t.enabled,
-                      crepe_model=t.crepe_model, pitch_clips=t.pitch_clips or None)
-    tracking.log_final(tracker, model, data, scores, summary["best_checkpoint"], endpoint,
-                       cfg.data.eval_split, step=summary["best_epoch"],
-                       summary={k: summary[k] for k in ("best_val", "best_epoch", "epochs_run")},
-                       figures=t.figures)
-    return scores
+    return tracking.evaluate_and_log(tracker, cfg, model, load_data(cfg.data), summary,
+                                     summary["best_checkpoint"], endpoint)
 
 
 def driver_config(cfg: RunConfig, **options) -> dict:

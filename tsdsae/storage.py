@@ -44,6 +44,12 @@ def is_s3_uri(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
+def absolute_location(uri: str) -> str:
+    """A URI (s3://...) unchanged; a local path made absolute, for processes that run in another
+    working directory (Ray workers, Tune trials)."""
+    return uri if "://" in uri else str(Path(uri).expanduser().absolute())
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """"s3://bucket/a/b/" -> ("bucket", "a/b"). Raises StorageError on a URI without a bucket."""
     parsed = urlparse(uri)

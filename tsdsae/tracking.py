@@ -88,6 +88,10 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED (or FAILED / KILLED)."""
 
+    def fail(self, exc: BaseException) -> None:
+        """Mark the run ended by `exc`: KILLED for an interrupt (Ctrl-C), else FAILED."""
+        self.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+
     def __call__(self, record: Mapping[str, Any]) -> None:
         """A tsdsae.trainer.Trainer callback: log the epoch's record."""
         self.log_epoch(record)
@@ -301,6 +305,24 @@ def reconstruction_png(model, split, path: str | os.PathLike, n: int = 4, seed: 
         rows.append([(f"input: {a}", shown[0]), ("reconstruction", shown[1]),
                      (f"global swap: v of {b}", shown[2])])
     return spectrogram_grid(rows, path, title="input, reconstruction, global swap")
+
+
+def evaluate_and_log(tracker: Tracker, cfg: RunConfig, model, data, result: Mapping[str, Any],
+                     checkpoint_uri: str | None = None, endpoint_url: str | None = None,
+                     device="cpu") -> dict[str, float]:
+    """The end of a run: tsdsae.evaluate on `cfg.data.eval_split` (with the pitch metric when
+    cfg.tracking.pitch and the run is tracked), then `log_final` at the best epoch with the
+    best_val / best_epoch / epochs_run of `result`. Returns the scores."""
+    from tsdsae.evaluate import evaluate
+
+    t, split = cfg.tracking, cfg.data.eval_split
+    scores = evaluate(model, data, split, device=device, pitch=t.pitch and tracker.active,
+                      crepe_model=t.crepe_model, pitch_clips=t.pitch_clips or None)
+    log_final(tracker, model, data, scores, checkpoint_uri, endpoint_url, split,
+              step=max(result["best_epoch"], 0),
+              summary={k: result[k] for k in ("best_val", "best_epoch", "epochs_run")},
+              figures=t.figures)
+    return scores
 
 
 def log_final(tracker: Tracker, model, data, scores: Mapping[str, float],

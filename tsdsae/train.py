@@ -100,7 +100,6 @@ class CliError(Exception):
 def _train_here(cfg, args) -> dict:
     """Single process: tsdsae.trainer.Trainer, with the tracker as its epoch callback."""
     from tsdsae import tracking
-    from tsdsae.evaluate import evaluate
     from tsdsae.ray_train import configure_device
     from tsdsae.trainer import Trainer
 
@@ -114,20 +113,11 @@ def _train_here(cfg, args) -> dict:
         summary = {k: result[k] for k in ("epochs_run", "stopped_early", "best_epoch", "best_val",
                                           "best_checkpoint")}
         if not args.no_eval:
-            best = trainer.best_model()
-            t = cfg.tracking
-            summary["eval"] = evaluate(best, trainer.data, cfg.data.eval_split,
-                                       device=trainer.device, pitch=t.pitch and tracker.active,
-                                       crepe_model=t.crepe_model,
-                                       pitch_clips=t.pitch_clips or None)
-            tracking.log_final(tracker, best, trainer.data, summary["eval"],
-                               trainer.best_uri, trainer.endpoint, cfg.data.eval_split,
-                               step=max(result["best_epoch"], 0),
-                               summary={k: result[k] for k in ("best_val", "best_epoch",
-                                                               "epochs_run")},
-                               figures=t.figures)
+            summary["eval"] = tracking.evaluate_and_log(
+                tracker, cfg, trainer.best_model(), trainer.data, result, trainer.best_uri,
+                trainer.endpoint, device=trainer.device)
     except BaseException as exc:
-        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        tracker.fail(exc)
         raise
     tracker.finish()
     if tracker.run_id:

@@ -103,9 +103,10 @@ class Trainer:
                  callbacks: list[Callable[[dict], None]] | None = None, progress: bool = True,
                  rank: int = 0, world_size: int = 1):
         self.cfg = cfg
-        keep_freed_memory()
         self.rank, self.world_size = rank, world_size
         self.device = resolve_device(cfg.device) if device is None else torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()     # activations reused from the heap (train_step)
         self.data = data if data is not None else load_data(cfg.data)
         self.train_split = self.data["train"].to(self.device)
         self.val_split = self.data["val"].to(self.device)

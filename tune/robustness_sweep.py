@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:          # run as a script from a checkout or a jo
 
 from tsdsae import tracking  # noqa: E402
 from tsdsae.config import PRESETS, apply_overrides  # noqa: E402
-from tsdsae.storage import open_store  # noqa: E402
+from tsdsae.storage import absolute_location, open_store  # noqa: E402
 from tune.grid import (SHARED_STAGE_1, VARIANT_KEY, load_grid, narrow, parse_only,  # noqa: E402
                        trial_groups, validate)
 
@@ -88,8 +88,8 @@ def _shared_stage_1(sweep: dict, group: dict, options: dict) -> dict:
     try:
         _, ray_options = split_config({"run_config": cfg, **options})
         result = run_stage(cfg, ray_options, 1, None, tracker)
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as exc:
+        tracker.fail(exc)
         raise
     marker = {"stage": 1, "checkpoint": result.checkpoint.path,
               "metrics": {k: v for k, v in result.metrics.items()
@@ -191,8 +191,8 @@ def _sweep_settings(args) -> tuple[Any, list[str]]:
                                    axes={k: v for k, v in grid.axes.items() if k not in sets})
         validate(grid)
     # Local dataset folders as absolute paths: trials and workers run in other directories.
-    datasets = [d if d == "toy" or "://" in d else str(Path(d).expanduser().absolute())
-                for d in args.data] or (["toy"] if args.smoke_test else [])
+    datasets = ([d if d == "toy" else absolute_location(d) for d in args.data]
+                or (["toy"] if args.smoke_test else []))
     if not datasets:
         raise SystemExit("error: give at least one --data URI (or --smoke-test for the toy data)")
     return grid, datasets
@@ -263,8 +263,8 @@ def run_sweep(args) -> dict:
                                           storage_filesystem=filesystem,
                                           failure_config=tune.FailureConfig(max_failures=1)))
         results = tuner.fit()
-    except BaseException:
-        parent.finish("FAILED")
+    except BaseException as exc:
+        parent.fail(exc)
         raise
     errors = [r.error for r in results if r.error]
 

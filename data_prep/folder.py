@@ -231,37 +231,38 @@ def file_segments(rel: str, label: str, audio: np.ndarray, short: str,
     return items
 
 
+def read_one(root: Path, rel: str, opts: Options, cache: Path,
+             reasons: Counter) -> tuple[list[dict], dict]:
+    """Label, read and segment one file -> (its segment items, its report entry)."""
+    label = file_label(rel, opts.pattern)
+    if label is None:
+        return [], _skip(rel, "no_label")
+    if opts.instruments and label not in opts.instruments:
+        return [], _skip(rel, "label_not_selected", f"label {label!r}")
+    try:
+        loaded = read_into_cache(root, rel, cache)
+    except audio_mod.BadAudio as bad:
+        return [], _skip(rel, bad.reason, bad.detail)
+    if not segment_starts(len(loaded.audio), opts.short):
+        return [], _skip(rel, "too_short", f"{len(loaded.audio) / features.SAMPLE_RATE:.2f} s")
+    reasons.update(f"fixed:{fix}" for fix in loaded.fixes)
+    items = file_segments(rel, label, loaded.audio, opts.short, reasons)
+    return items, {"file": rel, "status": "read", "label": label, "fixes": loaded.fixes,
+                   "segments": len(items), "source_rate": loaded.source_rate}
+
+
 def read_files(root: Path, rels: Sequence[str], opts: Options, cache: Path,
                progress: bool) -> tuple[list[dict], list[dict], Counter]:
     """Label, read and segment every file -> (segment items, per-file report, reasons)."""
     items, files_report, reasons = [], [], Counter()
-    pattern = opts.pattern
     it = rels
     if progress:
         from tqdm import tqdm
         it = tqdm(rels, desc="reading audio", unit="file")
     for rel in it:
-        label = file_label(rel, pattern)
-        if label is None:
-            files_report.append(_skip(rel, "no_label"))
-        elif opts.instruments and label not in opts.instruments:
-            files_report.append(_skip(rel, "label_not_selected", f"label {label!r}"))
-        else:
-            try:
-                loaded = read_into_cache(root, rel, cache)
-            except audio_mod.BadAudio as bad:
-                files_report.append(_skip(rel, bad.reason, bad.detail))
-                continue
-            reasons.update(f"fixed:{fix}" for fix in loaded.fixes)
-            found = file_segments(rel, label, loaded.audio, opts.short, reasons)
-            if not segment_starts(len(loaded.audio), opts.short):
-                files_report.append(_skip(rel, "too_short", f"{len(loaded.audio)} samples"))
-                continue
-            items += found
-            files_report.append({"file": rel, "status": "read", "label": label,
-                                 "fixes": loaded.fixes, "segments": len(found),
-                                 "source_rate": loaded.source_rate})
-            continue
+        found, entry = read_one(root, rel, opts, cache, reasons)
+        items += found
+        files_report.append(entry)
     reasons.update(f"skipped:{f['reason']}" for f in files_report if f["status"] == "skipped")
     return items, files_report, reasons
 
@@ -355,12 +356,39 @@ def split_warnings(items: list[dict], splits: dict[str, list[dict]], fracs: dict
 # --- the plan and the shards --------------------------------------------------------------------
 
 
+def _mark_files(files_report: list[dict], items: list[dict]) -> None:
+    """Set each read file's final status from the segments it kept."""
+    per_file = Counter(it["file"] for it in items)
+    for entry in files_report:
+        if entry["status"] == "read":
+            entry["status"] = "kept" if per_file[entry["file"]] else "no_segments_kept"
+            entry["segments"] = per_file[entry["file"]]
+
+
+def _assign_keys(items: list[dict]) -> None:
+    """Unique, sanitised sample keys: running index, file stem, segment number."""
+    for n, item in enumerate(items):
+        item["key"] = f"{n:06d}_{sanitize_key(Path(item['file']).stem, 60)}_{item.pop('n'):04d}"
+
+
+def _report(files: list[dict], reasons: Counter, opts: Options, crepe: dict | None,
+            warnings: list[str]) -> dict:
+    report = {"files_found": sum(not f["file"].endswith("/") for f in files),
+              "reasons": dict(sorted((k, v) for k, v in reasons.items() if v)),
+              "files": files, "not_used": [f for f in files if f["status"] != "kept"],
+              "split_by": opts.split_by, "splits_share_audio": opts.split_by == "segment",
+              "crepe": crepe, "warnings": warnings}
+    if opts.split_by == "segment":
+        report["split_note"] = ("split by segment: overlapping 4 s segments (1 s hop) of one "
+                                "recording can be in different splits, so splits share audio")
+    return report
+
+
 def plan_folder(root: Path, rels: Sequence[str], unused: list[dict], opts: Options, cache: Path,
                 progress: bool) -> dict:
     """Read, segment, filter and split -> the plan build_dataset stores and shards."""
-    pattern = opts.pattern
     check_label_collisions({raw: rel for rel in reversed(rels)
-                            if (raw := _raw_label(rel, pattern)) is not None})
+                            if (raw := _raw_label(rel, opts.pattern)) is not None})
     items, files_report, reasons = read_files(root, rels, opts, cache, progress)
     reasons.update(f"skipped:{f['reason']}" for f in unused)
     warnings, crepe = [], None
@@ -370,18 +398,12 @@ def plan_folder(root: Path, rels: Sequence[str], unused: list[dict], opts: Optio
         crepe = {"model": opts.crepe_model, "threshold": opts.crepe_threshold, "labels": stats}
         warnings += crepe_warnings(stats, opts.crepe_model, opts.crepe_threshold)
     reasons["segments_kept"] = len(items)
-    per_file = Counter(it["file"] for it in items)
-    for entry in files_report:
-        if entry["status"] == "read":
-            entry["status"] = "kept" if per_file[entry["file"]] else "no_segments_kept"
-            entry["segments"] = per_file[entry["file"]]
-    files_report = sorted(files_report + unused, key=lambda f: f["file"])
+    _mark_files(files_report, items)
     if not items:
         reasons_text = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()) if v)
         raise FolderError(f"no usable segments in {root} ({len(rels)} files; {reasons_text}); "
                           "add audio files in label folders (e.g. violin/take1.wav)")
-    for n, item in enumerate(items):
-        item["key"] = f"{n:06d}_{sanitize_key(Path(item['file']).stem, 60)}_{item.pop('n'):04d}"
+    _assign_keys(items)
     found = sorted({it["instrument"] for it in items})
     names = [n for n in opts.instruments if n in found] if opts.instruments else found
     fracs = dict(opts.fractions)
@@ -389,16 +411,9 @@ def plan_folder(root: Path, rels: Sequence[str], unused: list[dict], opts: Optio
     warnings += split_warnings(items, splits, fracs, names, opts.split_by)
     for line in warnings:
         print(f"WARNING: {line}", file=sys.stderr)
-    report = {"files_found": len(rels) + sum(f["file"][-1:] != "/" for f in unused),
-              "reasons": dict(sorted((k, v) for k, v in reasons.items() if v)),
-              "files": files_report, "not_used": [f for f in files_report if f["status"]
-                                                  not in ("kept",)],
-              "split_by": opts.split_by, "splits_share_audio": opts.split_by == "segment",
-              "crepe": crepe, "warnings": warnings}
-    if opts.split_by == "segment":
-        report["split_note"] = ("split by segment: overlapping 4 s segments (1 s hop) of one "
-                                "recording can be in different splits, so splits share audio")
-    return {"instruments": names, "splits": splits, "report": report}
+    files = sorted(files_report + unused, key=lambda f: f["file"])
+    return {"instruments": names, "splits": splits,
+            "report": _report(files, reasons, opts, crepe, warnings)}
 
 
 def render_task(task: ShardTask, cache: Path) -> list[Sample]:

@@ -283,6 +283,16 @@ def test_empty_splits_are_refused_naming_label_and_counts(tmp_path, capsys):
                              capsys)
     assert code == 2 and "split 'val'" in err and "trumpet: train 2, val 0, test 0" in err
     assert not (tmp_path / "b" / "dataset.json").exists()
+    # A label missing from a split that others fill: a warning naming it, kept in the manifest.
+    for k in (1, 2):
+        sf.write(root / "violin" / f"more{k}.wav", tone(5.0, 16_000, 300 + 10 * k), 16_000)
+    code, out, err = run_cli([str(root), str(tmp_path / "c"), *FAST], capsys)
+    assert code == 0, err
+    warning = ("label 'trumpet' has no segments in split(s) val, test (it has 1 recording(s); "
+               "trumpet: train 2, val 0, test 0; violin: train 2, val 2, test 2)")
+    assert f"WARNING: {warning}" in err and f"WARNING: {warning}" in out
+    report = json.loads((tmp_path / "c" / "dataset.json").read_text())["report"]
+    assert report["warnings"][0].startswith(warning)
 
 
 def test_too_quiet_is_the_projects_one_rule(tmp_path):

@@ -235,19 +235,21 @@ CREPE_FMIN, CREPE_FMAX = 50.0, 2000.0
 
 
 @torch.no_grad()
-def crepe_confidences(clips: Sequence[np.ndarray], model: str = "full",
-                      batch_size: int = 1024) -> list[np.ndarray]:
+def crepe_confidences(clips: Sequence[np.ndarray], model: str = "full", batch_size: int = 1024,
+                      device: str | None = None) -> list[np.ndarray]:
     """Per-frame CREPE confidence of several mono 16 kHz clips, 10 ms hop, batched across clips.
 
     Returns one float32 array (1 + S // 160,) per clip: the largest pitch-bin activation between
     CREPE_FMIN and CREPE_FMAX (CREPE's voicing confidence). Frames of all clips share batches of
-    `batch_size`, so many short clips cost as few network calls as one long one. Uses
-    torchcrepe's bundled weights ('tiny' or 'full'); nothing is downloaded.
+    `batch_size`, so many short clips cost as few network calls as one long one. Runs on
+    `device` (default: the GPU when torch sees one, else the CPU). Uses torchcrepe's bundled
+    weights ('tiny' or 'full'); nothing is downloaded.
     """
     import torchcrepe
 
     if model not in ("tiny", "full"):
         raise ValueError(f"crepe model must be 'tiny' or 'full', got {model!r}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lo = int(torchcrepe.convert.frequency_to_bins(torch.tensor(CREPE_FMIN)))
     hi = int(torchcrepe.convert.frequency_to_bins(torch.tensor(CREPE_FMAX), torch.ceil)) + 1
     parts: list[list[np.ndarray]] = [[] for _ in clips]
@@ -256,8 +258,8 @@ def crepe_confidences(clips: Sequence[np.ndarray], model: str = "full",
     def flush() -> None:
         if not pending:
             return
-        probs = torchcrepe.infer(torch.cat([f for _, f in pending]), model=model)
-        conf = probs[:, lo:hi].amax(dim=1).numpy().astype(np.float32)
+        probs = torchcrepe.infer(torch.cat([f for _, f in pending]), model=model, device=device)
+        conf = probs[:, lo:hi].amax(dim=1).cpu().numpy().astype(np.float32)
         start = 0
         for index, frames in pending:
             parts[index].append(conf[start:start + len(frames)])
@@ -268,7 +270,7 @@ def crepe_confidences(clips: Sequence[np.ndarray], model: str = "full",
     for index, clip in enumerate(clips):
         x = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))[None]
         for frames in torchcrepe.preprocess(x, features.SAMPLE_RATE, CREPE_HOP, batch_size,
-                                            "cpu", pad=True):
+                                            device, pad=True):
             pending.append((index, frames))
             waiting += len(frames)
             if waiting >= batch_size:
@@ -278,9 +280,10 @@ def crepe_confidences(clips: Sequence[np.ndarray], model: str = "full",
     return [np.concatenate(p) if p else np.zeros(0, np.float32) for p in parts]
 
 
-def crepe_confidence(audio: np.ndarray, model: str = "full", batch_size: int = 1024) -> np.ndarray:
+def crepe_confidence(audio: np.ndarray, model: str = "full", batch_size: int = 1024,
+                     device: str | None = None) -> np.ndarray:
     """Per-frame CREPE confidence of one clip -> (1 + S // 160,) float32; see crepe_confidences."""
-    return crepe_confidences([audio], model, batch_size)[0]
+    return crepe_confidences([audio], model, batch_size, device)[0]
 
 
 # --- clips to shard payloads ----------------------------------------------------------------------

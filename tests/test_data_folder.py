@@ -380,8 +380,8 @@ def test_crepe_kept_fraction_per_label_and_loud_warning(tmp_path, capsys):
     root = tmp_path / "input"
     (root / "flute").mkdir(parents=True)
     (root / "hiss").mkdir()
-    sf.write(root / "flute" / "tone.wav", tone(5.0, 16_000, 523.25), 16_000)
-    noise = np.random.default_rng(0).uniform(-0.5, 0.5, 5 * 16_000).astype(np.float32)
+    sf.write(root / "flute" / "tone.wav", tone(4.0, 16_000, 523.25), 16_000)
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, 4 * 16_000).astype(np.float32)
     sf.write(root / "hiss" / "noise.wav", noise, 16_000)
     code, out, err = run_cli([str(root), str(tmp_path / "ds"), "--crepe-model", "tiny",
                               "--fractions", "1,0,0", "--no-progress"], capsys)
@@ -389,10 +389,12 @@ def test_crepe_kept_fraction_per_label_and_loud_warning(tmp_path, capsys):
     report = json.loads((tmp_path / "ds" / "dataset.json").read_text())["report"]
     assert report["crepe"]["model"] == "tiny"
     assert report["crepe"]["labels"] == {
-        "flute": {"segments": 2, "kept": 2, "kept_fraction": 1.0},
-        "hiss": {"segments": 2, "kept": 0, "kept_fraction": 0.0}}
-    assert "WARNING: CREPE tiny kept only 0 of 2 segments of label 'hiss'" in err
-    assert "flute 2/2 (100%), hiss 0/2 (0%)" in out
+        "flute": {"segments": 1, "kept": 1, "kept_fraction": 1.0},
+        "hiss": {"segments": 1, "kept": 0, "kept_fraction": 0.0}}
+    assert "WARNING: CREPE tiny kept only 0 of 1 segments of label 'hiss'" in err
+    assert "flute 1/1 (100%), hiss 0/1 (0%)" in out
+    data = load_dataset(tmp_path / "ds")
+    assert data["train"].keys == ["000000_tone_0000"]
 
 
 def test_killed_folder_prep_resumes_from_its_plan(tmp_path):
@@ -428,3 +430,18 @@ def test_killed_folder_prep_resumes_from_its_plan(tmp_path):
     folder_main([str(root), str(tmp_path / "whole"), *args])
     assert ((parts / "dataset.json").read_bytes()
             == (tmp_path / "whole" / "dataset.json").read_bytes())
+
+
+def test_crepe_batches_across_clips_give_the_per_clip_confidence():
+    import torchcrepe
+
+    from data_prep import audio as audio_mod
+
+    clips = [tone(s, 16_000, f) for s, f in ((0.2, 262.0), (0.4, 440.0), (0.5, 660.0))]
+    batched = audio_mod.crepe_confidences(clips, "tiny", batch_size=32)
+    assert [len(c) for c in batched] == [1 + len(c) // 160 for c in clips]
+    _, periodicity = torchcrepe.predict(
+        torch.from_numpy(clips[1])[None], 16_000, 160, audio_mod.CREPE_FMIN, audio_mod.CREPE_FMAX,
+        "tiny", decoder=torchcrepe.decode.argmax, return_periodicity=True, device="cpu")
+    np.testing.assert_allclose(batched[1], periodicity[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(batched[2], audio_mod.crepe_confidence(clips[2], "tiny"), atol=1e-5)

@@ -400,9 +400,9 @@ def plan_folder(root: Path, rels: Sequence[str], unused: list[dict], opts: Optio
     reasons["segments_kept"] = len(items)
     _mark_files(files_report, items)
     if not items:
-        reasons_text = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()) if v)
-        raise FolderError(f"no usable segments in {root} ({len(rels)} files; {reasons_text}); "
-                          "add audio files in label folders (e.g. violin/take1.wav)")
+        why = "".join(f", {k} {v}" for k, v in sorted(reasons.items()) if v)
+        raise FolderError(f"no usable segments in {root} ({len(rels)} files{why}); add audio "
+                          "files in label folders (e.g. violin/take1.wav)")
     _assign_keys(items)
     found = sorted({it["instrument"] for it in items})
     names = [n for n in opts.instruments if n in found] if opts.instruments else found

@@ -61,10 +61,10 @@ def too_quiet(audio: np.ndarray) -> bool:
 
 
 def quiet_message(audio: np.ndarray) -> str:
-    """'peak -90.3 dBFS, below the -60 dBFS floor' for a refusal or a report."""
+    """'peak -90.3 dBFS, below the -60 dBFS floor' (or 'digital silence, ...') for messages."""
     level = peak_dbfs(audio)
-    shown = "-inf (digital silence)" if level == -math.inf else f"{level:.1f}"
-    return f"peak {shown} dBFS, below the {QUIET_DBFS:.0f} dBFS floor"
+    shown = "digital silence" if level == -math.inf else f"peak {level:.1f} dBFS"
+    return f"{shown}, below the {QUIET_DBFS:.0f} dBFS floor"
 
 
 def remove_dc(audio: np.ndarray) -> tuple[np.ndarray, float]:

@@ -106,15 +106,17 @@ def read_audio_file(path: str | os.PathLike) -> tuple[np.ndarray, int]:
 
 
 def prepare_audio(audio, sample_rate: int, seconds: float | None = DEFAULT_SECONDS,
-                  offset: float = 0.0, name: str = "audio") -> Clip:
+                  offset: float = 0.0, name: str = "audio", condition: bool = True) -> Clip:
     """Make one clip model-ready: mono, 16 kHz, `seconds` long, peak normalised.
 
     audio: (S,) mono or (C, S) channels-first, numpy or torch, any float/int dtype, at
     `sample_rate` Hz. tsdsae.audio.condition removes DC, downmixes (the louder channel when the
     channels cancel, with a warning naming `name`) and resamples with a bounded filter, the way
     the training data was prepared. The clip starts `offset` s in; it is cropped or zero-padded
-    to `seconds` (None keeps its length). Raises AudioError (naming `name`) for NaN/inf samples,
-    no samples, or audio too quiet to use (tsdsae.audio.too_quiet: peak below QUIET_DBFS).
+    to `seconds` (None keeps its length). condition=False skips tsdsae.audio.condition, for
+    mono 16 kHz audio that data prep already conditioned (a dataset sample), so its features
+    equal the stored ones. Raises AudioError (naming `name`) for NaN/inf samples, no samples, or
+    audio too quiet to use (tsdsae.audio.too_quiet: peak below QUIET_DBFS).
     """
     x = audio.detach().cpu().numpy() if torch.is_tensor(audio) else np.asarray(audio)
     if x.ndim not in (1, 2):
@@ -128,11 +130,16 @@ def prepare_audio(audio, sample_rate: int, seconds: float | None = DEFAULT_SECON
         raise AudioError(f"{name} holds NaN or infinite samples; repair or re-export the file")
     if sample_rate <= 0:
         raise AudioError(f"{name}: sample rate {sample_rate} Hz is not positive")
-    conditioned = shared_audio.condition(x, int(sample_rate), features.SAMPLE_RATE)
-    if conditioned.channel is not None:
-        warnings.warn(f"{name}: its channels cancel when averaged (one is nearly the inverse of "
-                      f"another); using channel {conditioned.channel} alone", stacklevel=2)
-    x = torch.from_numpy(conditioned.audio)
+    if condition:
+        conditioned = shared_audio.condition(x, int(sample_rate), features.SAMPLE_RATE)
+        if conditioned.channel is not None:
+            warnings.warn(f"{name}: its channels cancel when averaged (one is nearly the inverse "
+                          f"of another); using channel {conditioned.channel} alone", stacklevel=2)
+        x = conditioned.audio
+    elif x.ndim != 1 or sample_rate != features.SAMPLE_RATE:
+        raise AudioError(f"{name}: condition=False needs mono audio at {features.SAMPLE_RATE} Hz, "
+                         f"got shape {x.shape} at {sample_rate} Hz")
+    x = torch.from_numpy(np.ascontiguousarray(x))
     start = int(round(offset * features.SAMPLE_RATE))
     if offset < 0 or start >= x.numel():
         raise AudioError(f"{name}: offset {offset} s is outside the clip "
@@ -189,8 +196,9 @@ def read_dataset_clip(uri: str, key: str, split: str | None = None,
         for item in stream_split(uri, name, endpoint_url=endpoint_url, shuffle=False,
                                  with_audio=True):
             if item["key"] == key:
+                # The stored clip is already conditioned: only crop/pad and normalise it.
                 return prepare_audio(item["audio"], features.SAMPLE_RATE, seconds, offset,
-                                     name=f"{uri}#{name}/{key}")
+                                     name=f"{uri}#{name}/{key}", condition=False)
     raise KeyError(f"no sample {key!r} in split(s) {splits} of dataset {uri}; sample keys are "
                    "listed in the shards (e.g. `tar tf <shard>.tar`)")
 

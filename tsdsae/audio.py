@@ -1,7 +1,8 @@
 """Audio conditioning shared by data preparation and inference: one definition of each step.
 
-Every recording that becomes a training clip (data_prep) or a model input (tsdsae.inference)
-passes through `condition`, in this order:
+Every recording read from a file, by folder preparation (data_prep.folder) or as a model input
+(tsdsae.inference.read_clip / prepare_audio), passes through `condition`, in this order
+(rendered dMelodies clips are mono 16 kHz already and are only checked with `too_quiet`):
 
 1. DC removal: each channel's mean is subtracted (an offset would otherwise take part of the
    peak that normalisation scales to full range).
@@ -10,9 +11,9 @@ passes through `condition`, in this order:
    other), the average holds little but what differs between channels, so the louder channel is
    used instead and `fixes` says so.
 3. Resampling to 16 kHz with a polyphase filter (scipy.signal.resample_poly) whose cost is
-   bounded whatever the source rate: the ratio 16000 / rate is approximated by the simplest
-   fraction up / down within `MAX_RATE_ERROR` (relative; under 0.2 cent of pitch, far below what
-   the features resolve), searched with denominators up to 1,000, then 10,000, then 100,000.
+   bounded whatever the source rate: the ratio 16000 / rate is replaced by the closest fraction
+   up / down with a denominator up to 1,000 (10,000, then 100,000 when that one is not within
+   `MAX_RATE_ERROR`: relative, under 0.2 cent of pitch, far below what the features resolve).
    For every integer rate from 1 kHz to 400 kHz, up and down stay at most 16,000, so the filter
    has at most about 20 * max(up, down) taps and costs about 20 * max(1, rate / 16000)
    multiply-adds per output sample, instead of growing with rate / gcd(rate, 16000).

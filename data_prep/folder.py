@@ -52,6 +52,7 @@ SEGMENT_HOP = features.SAMPLE_RATE          # 1 s
 CREPE_THRESHOLD = 0.85
 CREPE_FILES_PER_BATCH = 16                  # files whose CREPE frames share network batches
 SPLIT_BY = ("recording", "segment")
+MAX_LISTED = 100                            # files not used printed one per line
 
 
 class FolderError(ValueError):
@@ -88,12 +89,19 @@ def _skip(rel: str, reason: str, detail: str = "") -> dict:
 
 def scan_folder(root: Path) -> tuple[list[str], list[dict]]:
     """Files under `root` (posix paths relative to it, sorted) and the entries not used, with
-    reasons. Symbolic links are followed; a folder reached a second time (a link cycle, or two
-    links to one folder) is read once and reported; dangling links are reported."""
+    reasons. Symbolic links are followed; each real folder is read once, under its own path when
+    it lies inside `root` (a link to it, or a link cycle, is reported instead); dangling links
+    are reported."""
     files, unused = [], []
     seen: dict[tuple[int, int], str] = {}
     st = root.stat()
     seen[(st.st_dev, st.st_ino)] = "."
+    for dirpath, dirnames, _ in os.walk(root):          # the real folders, links not followed
+        for name in dirnames:
+            full = Path(dirpath) / name
+            if not full.is_symlink():
+                st = full.stat()
+                seen.setdefault((st.st_dev, st.st_ino), full.relative_to(root).as_posix())
 
     def on_error(exc: OSError) -> None:
         rel = Path(exc.filename).relative_to(root).as_posix() if exc.filename else "?"
@@ -518,10 +526,13 @@ def format_report(manifest: dict) -> str:
     not_used = report.get("not_used", [])
     if not_used:
         lines.append(f"files not used ({len(not_used)}):")
-        for f in not_used:
+        for f in not_used[:MAX_LISTED]:
             why = f.get("reason", f["status"])
             detail = f" ({f['detail']})" if f.get("detail") else ""
             lines.append(f"  {f['file']}: {why}{detail}")
+        if len(not_used) > MAX_LISTED:
+            lines.append(f"  ... and {len(not_used) - MAX_LISTED} more (all of them are in the "
+                         "manifest's report.not_used)")
     for f in report.get("files", []):
         if "channels_cancel_used_louder" in f.get("fixes", []):
             lines.append(f"  {f['file']}: its channels cancel when averaged; used the louder "

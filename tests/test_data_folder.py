@@ -157,13 +157,15 @@ def test_symlinked_label_folders_are_followed_and_unused_files_listed(tmp_path, 
     (root / "trumpet").symlink_to(elsewhere, target_is_directory=True)
     (root / "violin" / "gone.wav").symlink_to(tmp_path / "missing.wav")
     (root / "violin" / "loop").symlink_to(root, target_is_directory=True)       # a cycle
+    (root / "a_alias").symlink_to(root / "violin", target_is_directory=True)    # read once
     code, out, err = run_cli([str(root), str(tmp_path / "ds"), "--fractions", "1,0,0", *FAST],
                              capsys)
     assert code == 0, err
     manifest = json.loads((tmp_path / "ds" / "dataset.json").read_text())
     assert manifest["counts"] == {"trumpet": 2, "violin": 3}
     not_used = {f["file"]: f["reason"] for f in manifest["report"]["not_used"]}
-    assert not_used == {"violin/gone.wav": "dangling_link", "violin/loop/": "link_cycle"}
+    assert not_used == {"violin/gone.wav": "dangling_link", "violin/loop/": "link_cycle",
+                        "a_alias/": "folder_seen_twice"}
     assert "violin/gone.wav: dangling_link" in out and "violin/loop/: link_cycle" in out
 
 

@@ -147,6 +147,29 @@ def test_stratified_split_is_deterministic_and_balanced():
         parse_fractions((0.8, 0.3))
 
 
+def test_grouped_split_keeps_each_recording_in_one_split():
+    from data_prep.shards import group_counts, grouped_split
+
+    assert group_counts(3, (0.8, 0.1, 0.1)) == [1, 1, 1]          # every split gets one
+    assert group_counts(10, (0.8, 0.1, 0.1)) == [8, 1, 1]
+    assert group_counts(2, (0.8, 0.1, 0.1)) == [1, 1, 0]          # too few: test stays empty
+    assert group_counts(4, (1.0, 0.0, 0.0)) == [4, 0, 0]
+    groups = [f"{lab}{k}" for lab in ("v", "t") for k in range(5) for _ in range(3)]
+    labels = [g[0] for g in groups]
+    fracs = parse_fractions((0.6, 0.2, 0.2))
+    split = grouped_split(labels, groups, fracs, seed=3)
+    assert split == grouped_split(labels, groups, fracs, seed=3)
+    assert sorted(sum(split.values(), [])) == list(range(30))
+    owner = {}
+    for name, idx in split.items():
+        for i in idx:
+            assert owner.setdefault(groups[i], name) == name           # one split per group
+    assert {n: sorted({groups[i] for i in idx if labels[i] == "v"}).__len__()
+            for n, idx in split.items()} == {"train": 3, "val": 1, "test": 1}
+    with pytest.raises(ValueError, match="holds items of labels"):
+        grouped_split(["a", "b"], ["g", "g"], fracs, seed=0)
+
+
 def test_keys_are_sanitised_and_tar_bytes_are_reproducible():
     assert sanitize_key("../a b/c.d.wav") == "a_b_c_d_wav"
     assert sanitize_key("...") == "sample"

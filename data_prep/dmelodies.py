@@ -189,7 +189,7 @@ def prepare_dmelodies(output_uri: str, *, n_clips: int = 3600, seed: int = 0,
                       samples_per_shard: int = 256, soundfont: str | None = None,
                       gain: float = 0.5, reverb: bool = False, render_batch: int = 128,
                       workers: int = 2, endpoint_url: str | None = None, overwrite: bool = False,
-                      stop_after_shards: int | None = None, progress: bool = True) -> str:
+                      progress: bool = True) -> str:
     """Generate, render and shard a dMelodies audio dataset; returns the manifest's location.
 
     Clip i plays melody i (distinct melodies drawn from the filtered space with `seed`) on
@@ -249,7 +249,7 @@ def prepare_dmelodies(output_uri: str, *, n_clips: int = 3600, seed: int = 0,
     store = open_store(output_uri, endpoint_url)
     return build_dataset(store, name="dmelodies", tool="data_prep.dmelodies", params=params,
                          make_plan=make_plan, render=render, samples_per_shard=samples_per_shard,
-                         workers=workers, overwrite=overwrite, stop_after_shards=stop_after_shards,
+                         workers=workers, overwrite=overwrite,
                          progress=progress,
                          extra_versions={"fluidsynth": audio_mod.fluidsynth_version(),
                                          "soundfont": str(font)})
@@ -288,7 +288,6 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a dataset made with other parameters at the output")
-    p.add_argument("--stop-after-shards", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     manifest = prepare_dmelodies(
@@ -301,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         samples_per_shard=args.samples_per_shard, soundfont=args.soundfont, gain=args.gain,
         reverb=args.reverb, render_batch=args.render_batch, workers=args.workers,
         endpoint_url=args.endpoint_url, overwrite=args.overwrite,
-        stop_after_shards=args.stop_after_shards, progress=args.progress)
+        progress=args.progress)
     print(manifest)
     return manifest
 

@@ -35,8 +35,6 @@ SHARD_RE = re.compile(r"^[a-z]+-\d{6}\.tar$")
 SPLITS = ("train", "val", "test")
 
 
-class PrepInterrupted(RuntimeError):
-    """Raised by `stop_after_shards` (a test hook that simulates a killed run)."""
 
 
 def sanitize_key(text: str, max_len: int = 100) -> str:
@@ -263,7 +261,7 @@ def _clear_outputs(store: Store) -> None:
 def build_dataset(store: Store, *, name: str, tool: str, params: dict,
                   make_plan: Callable[[], dict], render: Callable[[ShardTask], list[Sample]],
                   samples_per_shard: int = 256, workers: int = 2, overwrite: bool = False,
-                  stop_after_shards: int | None = None, progress: bool = True,
+                  progress: bool = True,
                   extra_versions: dict | None = None,
                   prepare_resume: Callable[[dict], None] | None = None) -> str:
     """Write shards and the manifest for `plan` into `store`; returns the manifest's location.
@@ -271,8 +269,8 @@ def build_dataset(store: Store, *, name: str, tool: str, params: dict,
     make_plan() -> {"instruments": [...], "splits": {split: [item, ...]}, "report": {...}};
     render(task) -> the task's samples in item order. `params` identify the dataset: a manifest
     or state with other params is an error unless `overwrite`. `prepare_resume(plan)` runs when
-    a stored plan is reused (e.g. to re-read source files). `stop_after_shards` raises
-    PrepInterrupted after that many newly written shards (for tests of resuming).
+    a stored plan is reused (e.g. to re-read source files). A killed run resumes from its
+    stored plan: intact shards are kept, missing or damaged ones are written again.
     """
     store.check(create=True)
     params = json.loads(json.dumps(params))           # normalise tuples etc. for comparison
@@ -305,9 +303,7 @@ def build_dataset(store: Store, *, name: str, tool: str, params: dict,
     core = manifest_core(plan["instruments"])
     tasks = plan_tasks(plan, samples_per_shard)
     results: dict[str, dict] = {}
-    written = 0
-    lock = threading.Lock()
-    stop = threading.Event()
+    stop = threading.Event()          # set when a shard fails: queued shards return at once
 
     bar = None
     if progress:
@@ -315,7 +311,6 @@ def build_dataset(store: Store, *, name: str, tool: str, params: dict,
         bar = tqdm(total=sum(len(t.items) for t in tasks), desc=f"{name}: shards", unit="clip")
 
     def run(task: ShardTask) -> dict | None:
-        nonlocal written
         if stop.is_set():
             return None
         stats = _existing_shard(store, task, core)
@@ -327,10 +322,6 @@ def build_dataset(store: Store, *, name: str, tool: str, params: dict,
             store.write_bytes(task.name, data)
             stats = {"name": task.name, "num_samples": len(samples),
                      "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-            with lock:
-                written += 1
-                if stop_after_shards is not None and written >= stop_after_shards:
-                    stop.set()
         if bar is not None:
             bar.update(len(task.items))
         return stats
@@ -349,9 +340,6 @@ def build_dataset(store: Store, *, name: str, tool: str, params: dict,
     finally:
         if bar is not None:
             bar.close()
-    if len(results) < len(tasks):
-        raise PrepInterrupted(f"stopped after {written} new shards ({len(results)} of "
-                              f"{len(tasks)} done); run again to resume")
 
     splits = {}
     for split in SPLITS:

@@ -15,7 +15,7 @@ from conftest import SMALL_DMELODIES
 from data_prep import audio as audio_mod
 from data_prep.dmelodies import (RHYTHMS, FactorSpace, Melody, main as dmelodies_main,
                                  parse_instruments, prepare_dmelodies)
-from data_prep.shards import (PrepInterrupted, Sample, parse_fractions, sanitize_key,
+from data_prep.shards import (Sample, parse_fractions, sanitize_key,
                               shard_bytes, stratified_split)
 from data_prep.verify import main as verify_main, verify_dataset
 from tsdsae import features
@@ -244,13 +244,32 @@ def test_rerun_with_same_parameters_returns_at_once(small_dmelodies):
         prepare_dmelodies(str(small_dmelodies), **{**SMALL_DMELODIES, "seed": 4})
 
 
-def test_interrupted_prep_resumes_to_the_same_manifest(small_dmelodies, tmp_path):
+def test_killed_prep_resumes_to_the_same_manifest(small_dmelodies, tmp_path):
+    """SIGKILL a real prep process once its first shard is written, then finish it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
     reference = (small_dmelodies / "dataset.json").read_bytes()
     out = tmp_path / "resumed"
-    with pytest.raises(PrepInterrupted):
-        prepare_dmelodies(str(out), **{**SMALL_DMELODIES, "workers": 1, "stop_after_shards": 2})
+    p = SMALL_DMELODIES
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep.dmelodies", str(out), "--n-clips", str(p["n_clips"]),
+         "--seed", str(p["seed"]), "--samples-per-shard", str(p["samples_per_shard"]),
+         "--fractions", ",".join(repr(f) for f in p["fractions"]), "--render-batch",
+         str(p["render_batch"]), "--workers", "1", "--no-progress"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    proc.stderr.close()
     assert not (out / "dataset.json").exists()                   # no half-written dataset
-    assert len(list(out.glob("*.tar"))) == 2
+    assert (out / "_prep_state.json").exists() and 1 <= len(list(out.glob("*.tar"))) < 6
     prepare_dmelodies(str(out), **SMALL_DMELODIES)
     assert (out / "dataset.json").read_bytes() == reference
     assert not (out / "_prep_state.json").exists()

@@ -236,3 +236,35 @@ def test_probes_swap_the_right_latents():
     assert model.swap_global(xa, ma, xb, mb).shape == (B, T, F)
     assert torch.allclose(model.swap_local(xa, ma, xb, mb), model.decode(zb, va))
     assert torch.allclose(model.reconstruct(xa, ma), model.decode(za, va))
+
+
+# state_dict keys of the paper's architecture as checkpoints wrote them before the factor modules
+# took their present form (z_prior '>>' and '>'): only these differ from today's names
+LEGACY_KEYS = {
+    ">>": [*[f"z_prior.net.layers.0.{w}_l{i}" for i in (0, 1)
+             for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")],
+           "likelihood.net.layers.0.weight", "likelihood.net.layers.0.bias",
+           "likelihood.net.layers.2.weight", "likelihood.net.layers.2.bias"],
+    ">": ["z_prior.net.layers.0.weight", "z_prior.net.layers.0.bias",
+          "z_prior.net.layers.2.weight", "z_prior.net.layers.2.bias",
+          "likelihood.net.layers.0.weight", "likelihood.net.layers.0.bias",
+          "likelihood.net.layers.2.weight", "likelihood.net.layers.2.bias"],
+}
+
+
+@pytest.mark.parametrize("z_prior", [">>", ">"])
+def test_checkpoints_with_earlier_key_names_still_load(z_prior):
+    torch.manual_seed(0)
+    model = DSAE(ModelConfig(z_prior=z_prior))
+    state = model.state_dict()
+    renamed = [k for k in state if k.startswith(("likelihood.net.", "z_prior.transition."))]
+    assert len(renamed) == len(LEGACY_KEYS[z_prior])
+    # the earlier names, in the same order as today's (module order did not change)
+    old = dict(zip(LEGACY_KEYS[z_prior], (state[k] for k in renamed)))
+    old.update({k: v for k, v in state.items() if k not in renamed})
+    fresh = DSAE(ModelConfig(z_prior=z_prior))
+    fresh.load_state_dict(old)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        fresh.load_state_dict({**state, "z_prior.net.extra": torch.zeros(1)})

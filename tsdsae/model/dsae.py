@@ -107,6 +107,35 @@ class DSAE(nn.Module):
         self.take_snapshot()
         self._snapshot.load_state_dict(state)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict; also reads the key names that checkpoints of the paper's
+        architecture had before the factor modules took their present form (see
+        `legacy_key_names`)."""
+        return super().load_state_dict(self.legacy_key_names(state_dict), strict, assign)
+
+    def legacy_key_names(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` with earlier key names renamed to this model's (same tensors):
+        likelihood.net.layers.* -> likelihood.net.mlp.layers.* (MLP decoder), and the z prior's
+        network z_prior.net.layers.0.* -> z_prior.transition.* (LSTM) or
+        z_prior.net.layers.* -> z_prior.transition.layers.* (MLP)."""
+        renames = []
+        if self.cfg.likelihood == "^":
+            renames.append(("likelihood.net.layers.", "likelihood.net.mlp.layers."))
+        if self.cfg.z_prior == ">>":
+            renames.append(("z_prior.net.layers.0.", "z_prior.transition."))
+        elif self.cfg.z_prior == ">":
+            renames.append(("z_prior.net.layers.", "z_prior.transition.layers."))
+        if not any(k.startswith(old) for k in state for old, _ in renames):
+            return state
+        out = {}
+        for k, v in state.items():
+            for old, new in renames:
+                if k.startswith(old):
+                    k = new + k[len(old):]
+                    break
+            out[k] = v
+        return out
+
     def _apply(self, fn, recurse=True):
         # keep the snapshot on the same device/dtype as the model (it is not a registered child)
         super()._apply(fn, recurse)

@@ -5,7 +5,7 @@ import torch
 from torch.distributions import Normal
 
 from tsdsae.config import ModelConfig
-from tsdsae.losses import (elbo_terms, gaussian_kl, masked_kl_mean, masked_time_mean,
+from tsdsae.losses import (elbo_terms, gaussian_kl, masked_time_mean,
                            standard_normal_kl, swap_terms)
 from tsdsae.model import DSAE, count_parameters
 from tsdsae.model.layers import SequenceEncoder, masked_mean, normal, reverse_padded
@@ -43,7 +43,8 @@ def test_every_option_gives_the_right_shapes_and_ignores_padding():
                    likelihood=lik, v_condition=vcond)
         model = DSAE(cfg)
         torch.manual_seed(1)
-        out = model(x, mask, swap_perms=(torch.tensor([1, 0]), torch.tensor([1, 0])))
+        perms = (torch.tensor([1, 0]), torch.tensor([1, 0]))
+        out = model(x, mask, swap_perms=perms)
         assert out.qv.loc.shape == out.v.shape == (B, V), cfg
         assert out.qz.loc.shape == out.z.shape == out.pz.loc.shape == (B, T, Z), cfg
         assert out.x_mean.shape == (B, T, F), cfg
@@ -53,7 +54,7 @@ def test_every_option_gives_the_right_shapes_and_ignores_padding():
         x2 = x.clone()
         x2[1, 2] = 100.0
         torch.manual_seed(1)
-        terms2 = elbo_terms(x2, mask, model(x2, mask, swap_perms=(torch.tensor([1, 0]), torch.tensor([1, 0]))))
+        terms2 = elbo_terms(x2, mask, model(x2, mask, swap_perms=perms))
         for k in terms:
             assert torch.allclose(terms[k], terms2[k], atol=1e-5), (cfg, k)
 

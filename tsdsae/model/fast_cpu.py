@@ -3,7 +3,7 @@
 
 A reader of the model can skip this file: it holds no maths of its own. `FastDSAE(model)` reads
 the plain model's parameters on every call (so optimiser steps, `set_trainable` and checkpoints
-act on the plain model as usual) and evaluates them with four CPU devices:
+act on the plain model as usual) and evaluates them with four CPU techniques:
 
 1. oneDNN linears. A frame-wise linear map y = x W^T + b over many rows runs as a 1x1
    convolution over channels-last "pixels" (`_OneDNNLinear`): oneDNN's AVX-512 kernels, where
@@ -290,7 +290,8 @@ class FastDSAE(nn.Module):
     def _reencode_folded(self, s: torch.Tensor, mask: torch.Tensor, v_sample: bool,
                          z_sample: bool) -> tuple[DiagNormal, DiagNormal]:
         """q(v | x), q(z | x) of x = out(2s - 1), s the sigmoid form of the decoder's last
-        hidden layer: the output layer folded into both encoders' first layers (device 3)."""
+        hidden layer (2B, T, H): the output layer folded into both encoders' first layers
+        (technique 3)."""
         m = self.model
         out = m.likelihood.out
         mlps = (m.v_posterior.encoder.mlp, m.z_posterior.features.mlp)

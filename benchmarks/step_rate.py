@@ -1,10 +1,11 @@
 """Training step rate: forward, loss, backward and optimiser step on a realistic batch.
 
     python benchmarks/step_rate.py [--model M] [--stage 1|2] [--z-dim N] [--batch 128]
-                                   [--frames 251] [--threads N] [--device cpu|cuda]
+                                   [--frames 251] [--threads N] [--device cpu|cuda] [--plain]
     python benchmarks/step_rate.py --ray [--workers 1 2] [...]
 Prints one JSON line per configuration. With no --model/--stage/--z-dim it runs DSAE and TS-DSAE
-stage 1 and stage 2 at z_dim 8 and 32 (with --ray: TS-DSAE stage 2 at z_dim 32).
+stage 1 and stage 2 at z_dim 8 and 32 (with --ray: TS-DSAE stage 2 at z_dim 32). The step runs
+the trainer's pass (tsdsae.model.fast_cpu's on CPU); --plain times the plain model instead.
 
 --ray: the same step inside Ray Train workers (tsdsae.ray_train's DDP wrapper and weighted
 gradient all-reduce), the global batch split across N workers, next to the single-process rate:
@@ -29,7 +30,7 @@ import torch  # noqa: E402
 
 from tsdsae import schedule  # noqa: E402
 from tsdsae.config import ModelConfig, VARIANTS  # noqa: E402
-from tsdsae.model import DSAE  # noqa: E402
+from tsdsae.model import DSAE, fast_cpu  # noqa: E402
 from tsdsae.train_step import build_optimizer, keep_freed_memory, train_step  # noqa: E402
 from tsdsae.trainer import PriorCache  # noqa: E402
 from tsdsae.dataset import Split  # noqa: E402
@@ -42,9 +43,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def setup_step(variant: str, stage: int, z_dim: int, batch: int, frames: int,
-               device: torch.device, rank: int = 0, world_size: int = 1, wrap=None):
+               device: torch.device, rank: int = 0, world_size: int = 1, wrap=None,
+               plain: bool = False):
     """A closure running one training step on this rank's part of a fixed global batch.
-    `wrap(model)` gives the module the step runs (a DDP wrapper under Ray)."""
+    The pass is the trainer's (tsdsae.model.fast_cpu.for_device), or the plain model when
+    `plain`; `wrap(module)` gives the module the step runs (a DDP wrapper under Ray)."""
     torch.manual_seed(0)
     model = DSAE(ModelConfig(z_dim=z_dim)).to(device)
     opt = build_optimizer(model, 1e-3)
@@ -66,7 +69,8 @@ def setup_step(variant: str, stage: int, z_dim: int, batch: int, frames: int,
                       torch.zeros(n, frames, dtype=torch.long, device=device),
                       [str(i) for i in range(n)], ("a",))
         prior = PriorCache(model, split)(torch.arange(n, device=device))
-    step_model = wrap(model) if wrap is not None else model
+    runner = model if plain else fast_cpu.for_device(model, device)
+    step_model = wrap(runner) if wrap is not None else runner
 
     def step():
         return train_step(step_model, opt, x, mask, plan, (1, 1, 1, 1), prior, core=model)
@@ -91,10 +95,11 @@ def time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
 
 
 def measure(variant: str, stage: int, z_dim: int, batch: int, frames: int, device: torch.device,
-            steps: int, warmup: int) -> dict:
-    dt = time_steps(setup_step(variant, stage, z_dim, batch, frames, device), device, steps,
-                    warmup)
-    return {"mode": "single", "model": variant, "stage": stage, "z_dim": z_dim, "batch": batch,
+            steps: int, warmup: int, plain: bool = False) -> dict:
+    dt = time_steps(setup_step(variant, stage, z_dim, batch, frames, device, plain=plain), device,
+                    steps, warmup)
+    return {"mode": "single", "pass": "plain" if plain else "trainer", "model": variant,
+            "stage": stage, "z_dim": z_dim, "batch": batch,
             "frames": frames, "device": str(device), "threads": torch.get_num_threads(),
             "steps_per_s": round(1 / dt, 3), "ms_per_step": round(dt * 1000, 2),
             "peak_memory_mb": round(peak_memory_mb(device), 1)}
@@ -206,6 +211,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--plain", action="store_true",
+                   help="time the plain model's pass instead of the trainer's (the fast CPU "
+                        "pass on CPU)")
     p.add_argument("--ray", action="store_true",
                    help="also run the step in Ray Train workers and compare (JSON per row)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2],
@@ -230,7 +238,7 @@ def main(argv=None) -> None:
         return
     for variant, stage, z in configs:
         print(json.dumps(measure(variant, stage, z, args.batch, args.frames, device,
-                                 args.steps, args.warmup)), flush=True)
+                                 args.steps, args.warmup, args.plain)), flush=True)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from torch import nn
 
 from tsdsae import features
 from tsdsae.model.dsae import DSAE
-from tsdsae.model.layers import plain_linear
 
 PROGRAMS = ("log_mel", "v_mean", "z_mean", "decode")
 MAX_BATCH = 65536
@@ -103,7 +102,7 @@ def _export(module: nn.Module, args: tuple, dims: tuple[dict, ...]):
         shapes = tuple({axis: by_name[n] for axis, n in d.items() if n in keep} or None
                        for d in dims)
         try:
-            with torch.no_grad(), plain_linear(), warnings.catch_warnings():
+            with torch.no_grad(), warnings.catch_warnings():
                 # nn.LSTM re-assigns its flat weight list while traced; harmless here.
                 warnings.filterwarnings("ignore", message=".*were assigned during export.*")
                 program = torch.export.export(module, args, dynamic_shapes=shapes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import Normal
 
-from tsdsae.model.dsae import Outputs
+from tsdsae.model.dsae import Outputs, inverse_permutation
 
 TERMS = ("recon", "kl_z", "kl_v", "gswap_v", "gswap_z", "lswap_v", "lswap_z")
 
@@ -24,7 +24,8 @@ def _logvar(d: Normal) -> torch.Tensor | None:
 def gaussian_kl(q: Normal, p: Normal) -> torch.Tensor:
     """Elementwise KL(q || p) of diagonal Gaussians (analytic):
         0.5 (var_q / var_p + (mu_q - mu_p)^2 / var_p - 1 - log(var_q / var_p)),
-    from the log-variances where both carry them (tsdsae.model.layers.DiagNormal)."""
+    from the log-variances where both carry them (tsdsae.model.layers.DiagNormal).
+    Elementwise over the broadcast shape of the parameters."""
     lq, lp = _logvar(q), _logvar(p)
     if lq is not None and lp is not None:
         dl = lq - lp
@@ -33,54 +34,9 @@ def gaussian_kl(q: Normal, p: Normal) -> torch.Tensor:
     return 0.5 * (var_ratio + ((q.loc - p.loc) / p.scale).pow(2) - 1.0 - torch.log(var_ratio))
 
 
-class _MaskedGaussianKL(torch.autograd.Function):
-    """sum_{b,t,z} w_bt KL(q || p)_btz from means and log-variances, with a hand-written backward.
-
-    The same value as weighting `gaussian_kl` (float rounding aside), in a few passes over the
-    (B, T, Z) tensors instead of the ~30 that autograd records for the composed expression
-    (about half the time of the three KL_z terms of a TS-DSAE step). With dl = lq - lp,
-    r = exp(dl), d = mq - mp, e = exp(-lp), KL = (r + d^2 e - 1 - dl) / 2 and
-        dKL/dmq = d e = -dKL/dmp,  dKL/dlq = (r - 1) / 2,  dKL/dlp = (1 - r - d^2 e) / 2.
-    """
-
-    @staticmethod
-    def forward(ctx, mq, lq, mp, lp, w):
-        dl = lq - lp
-        r = torch.exp(dl)
-        d = mq - mp
-        e = torch.exp(lp.neg())
-        de = d * e
-        u = r + torch.mul(de, d, out=e)                     # r + d^2 e
-        kl2 = torch.sub(u, dl, out=dl)                      # 2 KL + 1
-        per_frame = kl2.sum(-1) - kl2.shape[-1]             # (B, T): 2 sum_z KL
-        ctx.save_for_backward(r, de, u, w)
-        return 0.5 * torch.dot(per_frame.flatten(), w.flatten())
-
-    @staticmethod
-    def backward(ctx, grad):
-        r, de, u, w = ctx.saved_tensors
-        need_mq, need_lq, need_mp, need_lp, _ = ctx.needs_input_grad
-        wg = (0.5 * grad) * w.unsqueeze(-1)                 # (B, T, 1)
-        g_mq = g_lq = g_mp = g_lp = None
-        if need_mq:
-            g_mq = de * (2.0 * wg)
-        if need_mp:
-            g_mp = de * (-2.0 * wg)
-        if need_lq:
-            g_lq = torch.addcmul(-wg, r, wg)                 # (r - 1) wg
-        if need_lp:
-            g_lp = torch.addcmul(wg, u, wg, value=-1.0)      # (1 - r - d^2 e) wg
-        return g_mq, g_lq, g_mp, g_lp, None
-
-
 def masked_kl_mean(q: Normal, p: Normal, mask: torch.Tensor) -> torch.Tensor:
-    """masked_time_mean(gaussian_kl(q, p), mask) for q, p over (B, T, Z)."""
-    lq, lp = _logvar(q), _logvar(p)
-    if lq is None or lp is None or q.loc.shape != p.loc.shape or q.loc.dim() != 3:
-        return masked_time_mean(gaussian_kl(q, p), mask)
-    m = mask.to(q.loc.dtype)
-    w = m / (m.sum(dim=1, keepdim=True).clamp_min(1.0) * (m.shape[0] * q.loc.shape[-1]))
-    return _MaskedGaussianKL.apply(q.loc, lq, p.loc, lp, w)
+    """masked_time_mean(gaussian_kl(q, p), mask) for q, p over (B, T, Z): KL_z's averaging."""
+    return masked_time_mean(gaussian_kl(q, p), mask)
 
 
 def standard_normal_kl(q: Normal) -> torch.Tensor:
@@ -103,10 +59,13 @@ def masked_time_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def elbo_terms(x: torch.Tensor, mask: torch.Tensor, out: Outputs,
-               v_prior: Normal | None = None) -> dict[str, torch.Tensor]:
-    """recon, KL_z and KL_v (against N(0, I), or against the informed prior `v_prior`)."""
+               v_prior: Normal | None = None, masked_kl=masked_kl_mean) -> dict[str, torch.Tensor]:
+    """recon, KL_z and KL_v (against N(0, I), or against the informed prior `v_prior`).
+
+    x (B, T, F), mask (B, T), `out` from DSAE.forward. `masked_kl` computes KL_z's masked mean
+    (a faster equal function may be passed: tsdsae.model.fast_cpu.masked_kl_mean)."""
     recon = masked_time_mean((x - out.x_mean).pow(2), mask)
-    kl_z = masked_kl_mean(out.qz, out.pz, mask)
+    kl_z = masked_kl(out.qz, out.pz, mask)
     kl_v = (standard_normal_kl(out.qv) if v_prior is None else gaussian_kl(out.qv, v_prior)).mean()
     return {"recon": recon, "kl_z": kl_z, "kl_v": kl_v}
 
@@ -117,29 +76,31 @@ def _rows(d: Normal, index: torch.Tensor | slice) -> Normal:
     return Normal(d.loc[index], d.scale[index], validate_args=False)
 
 
-def swap_terms(out: Outputs, mask: torch.Tensor, perm: torch.Tensor) -> dict[str, torch.Tensor]:
+def swap_terms(out: Outputs, mask: torch.Tensor, perms: tuple[torch.Tensor, torch.Tensor],
+               masked_kl=masked_kl_mean) -> dict[str, torch.Tensor]:
     """The four swap KL terms of TS-DSAE with the intended targets (METHOD s4).
 
-    `out` comes from DSAE.forward(x, mask, swap_perm=perm). Writing pi = perm:
-      gswap_v (w0) = mean_i KL(q(v | x_g[i]) || q(v | x_pi(i)))
-      gswap_z (w1) = KL(q(z | x_g[i]) || q(z | x_i)),      masked with i's mask
+    `out` comes from DSAE.forward(x, mask, swap_perms=perms), perms = (pi_g, pi_l), two
+    independent permutations of the batch:
+      gswap_v (w0) = mean_i KL(q(v | x_g[i]) || q(v | x_pi_g(i)))
+      gswap_z (w1) = KL(q(z | x_g[i]) || q(z | x_i)),        masked with i's mask
       lswap_v (w2) = mean_i KL(q(v | x_l[i]) || q(v | x_i))
-      lswap_z (w3) = KL(q(z | x_l[i]) || q(z | x_pi(i))),  masked with pi(i)'s mask
-    with x_g[i] = decode(z_i, v_pi(i)) and x_l[i] = decode(z_pi(i), v_i). The model lists the local
-    swap at j = pi(i) (rows B..2B-1 hold decode(z_j, v_pi^-1(j))), so in that order the local
-    targets are q(v | x_pi^-1(j)) and q(z | x_j) with j's own mask: the same batch means, with
-    only (B, V) tensors permuted. Targets are the original pass's posteriors, not detached.
+      lswap_z (w3) = KL(q(z | x_l[i]) || q(z | x_pi_l(i))),  masked with pi_l(i)'s mask
+    with x_g[i] = decode(z_i, v_pi_g(i)) and x_l[i] = decode(z_pi_l(i), v_i). The model lists
+    the local swap at j = pi_l(i) (rows B..2B-1 hold decode(z_j, v_pi_l^-1(j))), so in that order
+    the local targets are q(v | x_pi_l^-1(j)) and q(z | x_j) with j's own mask: the same batch
+    means, with only (B, V) tensors permuted. Targets are the original pass's posteriors, not
+    detached.
     """
+    perm_g, perm_l = perms
     b = mask.shape[0]
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(b, device=perm.device)
     qv_g, qv_l = _rows(out.qv_swap, slice(0, b)), _rows(out.qv_swap, slice(b, 2 * b))
     qz_g, qz_l = _rows(out.qz_swap, slice(0, b)), _rows(out.qz_swap, slice(b, 2 * b))
     return {
-        "gswap_v": gaussian_kl(qv_g, _rows(out.qv, perm)).mean(),
-        "gswap_z": masked_kl_mean(qz_g, out.qz, mask),
-        "lswap_v": gaussian_kl(qv_l, _rows(out.qv, inv)).mean(),
-        "lswap_z": masked_kl_mean(qz_l, out.qz, mask),
+        "gswap_v": gaussian_kl(qv_g, _rows(out.qv, perm_g)).mean(),
+        "gswap_z": masked_kl(qz_g, out.qz, mask),
+        "lswap_v": gaussian_kl(qv_l, _rows(out.qv, inverse_permutation(perm_l))).mean(),
+        "lswap_z": masked_kl(qz_l, out.qz, mask),
     }
 
 

@@ -225,9 +225,9 @@ class RankTrainer(Trainer):
     def wrap(self) -> None:
         """Call once the stage's trainable set is on: DDP registers exactly those parameters."""
         if self.world_size == 1:
-            self.step_model = self.model        # a world of one: nothing to synchronise
+            self.step_model = self.pass_model   # a world of one: nothing to synchronise
             return
-        self.step_model = ddp_wrap(self.model, self.device, self._share)
+        self.step_model = ddp_wrap(self.pass_model, self.device, self._share)
 
     def _before_train_step(self, share: float) -> None:
         self._share.weight = share

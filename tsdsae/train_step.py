@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
-from tsdsae.losses import elbo_terms, swap_terms, total_loss
+from tsdsae.losses import elbo_terms, masked_kl_mean, swap_terms, total_loss
+from tsdsae.model import fast_cpu
 from tsdsae.model.dsae import DSAE
 from tsdsae.schedule import StagePlan
 
@@ -45,17 +46,26 @@ def loss_terms(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, plan: Stag
                core: DSAE | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward pass and the loss of this stage: returns (loss, named terms).
 
-    x (B, T, F), mask (B, T). `v_prior` is the informed prior for this batch when the caller has
-    it cached; otherwise, when the stage needs it, the frozen snapshot is evaluated here.
+    x (B, T, F), mask (B, T). `model` runs the pass: the DSAE, its tsdsae.model.fast_cpu
+    FastDSAE, or a DDP wrapper of either; `core` is the DSAE (found through `.module` when not
+    given). With swaps, two independent permutations of the batch are drawn (METHOD s4).
+    `v_prior` is the informed prior for this batch when the caller has it cached; otherwise,
+    when the stage needs it, the frozen snapshot is evaluated here.
     """
-    core = core if core is not None else getattr(model, "module", model)
-    perm = torch.randperm(x.shape[0], device=x.device) if plan.swaps else None
-    out = model(x, mask, swap_perm=perm)
+    runner = getattr(model, "module", model)            # under DDP, the wrapped module
+    fast = isinstance(runner, fast_cpu.FastDSAE)
+    core = core if core is not None else (runner.model if fast else runner)
+    masked_kl = fast_cpu.masked_kl_mean if fast else masked_kl_mean
+    perms = None
+    if plan.swaps:
+        perms = (torch.randperm(x.shape[0], device=x.device),
+                 torch.randperm(x.shape[0], device=x.device))
+    out = model(x, mask, swap_perms=perms)
     if plan.informed_prior and v_prior is None:
         v_prior = core.informed_prior(x, mask)
-    terms = elbo_terms(x, mask, out, v_prior if plan.informed_prior else None)
+    terms = elbo_terms(x, mask, out, v_prior if plan.informed_prior else None, masked_kl)
     if plan.swaps:
-        terms.update(swap_terms(out, mask, perm))
+        terms.update(swap_terms(out, mask, perms, masked_kl))
     loss = total_loss(terms, swap_weights)
     terms["loss"] = loss
     return loss, terms

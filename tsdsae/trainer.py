@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from tsdsae import checkpoint, schedule
 from tsdsae.config import DataConfig, RunConfig, to_flat
 from tsdsae.dataset import Dataset, Split
+from tsdsae.model import fast_cpu
 from tsdsae.model.dsae import DSAE
 from tsdsae.model.layers import normal
 from tsdsae.train_step import build_optimizer, eval_step, keep_freed_memory, train_step
@@ -112,7 +113,9 @@ class Trainer:
         self.val_split = self.data["val"].to(self.device)
         torch.manual_seed(cfg.seed)                        # deterministic initialisation
         self.model = DSAE(cfg.model).to(self.device)
-        self.step_model: torch.nn.Module = self.model      # what train_step runs
+        # the training pass: tsdsae.model.fast_cpu's equal, faster pass on CPU, else the model
+        self.pass_model = fast_cpu.for_device(self.model, self.device)
+        self.step_model: torch.nn.Module = self.pass_model  # what train_step runs
         self.stage: int | None = None                      # the stage whose trainable set is on
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, (o.beta1, o.beta2), o.eps,
@@ -224,7 +227,7 @@ class Trainer:
                 terms = train_step(self.step_model, self.optimizer, x, mask, plan, weights, prior,
                                    core=self.model)
             else:
-                terms = eval_step(self.model, x, mask, plan, weights, prior)
+                terms = eval_step(self.pass_model, x, mask, plan, weights, prior, core=self.model)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v * count
         names = sorted(sums)

@@ -13,6 +13,9 @@ Shapes: x (B, T, F), mask (B, T) bool, v (B, V), z (B, T, Z).
 
 Module groups used by the stage schedule (tsdsae.schedule): "global" = the v posterior,
 "local" = z posterior (with its feature net) and z prior, "decoder" = the likelihood.
+
+This is the definition. tsdsae.model.fast_cpu computes the same training pass from these
+parameters faster on CPU (and is tested equal to it); nothing here depends on it.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import linear, linear_on_half, normal, on_half
+from tsdsae.model.layers import DiagNormal, normal
 from tsdsae.model.likelihood import Likelihood
 from tsdsae.model.v_posterior import VPosterior
 from tsdsae.model.z_posterior import ZPosterior
@@ -104,6 +107,35 @@ class DSAE(nn.Module):
         self.take_snapshot()
         self._snapshot.load_state_dict(state)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict; also reads the key names that checkpoints of the paper's
+        architecture had before the factor modules took their present form (see
+        `legacy_key_names`)."""
+        return super().load_state_dict(self.legacy_key_names(state_dict), strict, assign)
+
+    def legacy_key_names(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` with earlier key names renamed to this model's (same tensors):
+        likelihood.net.layers.* -> likelihood.net.mlp.layers.* (MLP decoder), and the z prior's
+        network z_prior.net.layers.0.* -> z_prior.transition.* (LSTM) or
+        z_prior.net.layers.* -> z_prior.transition.layers.* (MLP)."""
+        renames = []
+        if self.cfg.likelihood == "^":
+            renames.append(("likelihood.net.layers.", "likelihood.net.mlp.layers."))
+        if self.cfg.z_prior == ">>":
+            renames.append(("z_prior.net.layers.0.", "z_prior.transition."))
+        elif self.cfg.z_prior == ">":
+            renames.append(("z_prior.net.layers.", "z_prior.transition.layers."))
+        if not any(k.startswith(old) for k in state for old, _ in renames):
+            return state
+        out = {}
+        for k, v in state.items():
+            for old, new in renames:
+                if k.startswith(old):
+                    k = new + k[len(old):]
+                    break
+            out[k] = v
+        return out
+
     def _apply(self, fn, recurse=True):
         # keep the snapshot on the same device/dtype as the model (it is not a registered child)
         super()._apply(fn, recurse)
@@ -112,7 +144,7 @@ class DSAE(nn.Module):
         return self
 
     @torch.no_grad()
-    def informed_prior(self, x: torch.Tensor, mask: torch.Tensor) -> Normal:
+    def informed_prior(self, x: torch.Tensor, mask: torch.Tensor) -> DiagNormal:
         """q_snapshot(v | x): (B, V), evaluated without autograd."""
         if self._snapshot is None:
             raise RuntimeError("no snapshot: the informed prior exists only after the stage switch")
@@ -120,33 +152,8 @@ class DSAE(nn.Module):
 
     # -- passes --------------------------------------------------------------------------------
 
-    # With the paper's frame-wise MLP encoders (and MLP likelihood), re-encoding a swap
-    # decode(z, v) = W_out h + b_out needs only each encoder's first layer of it:
-    #   W_enc (W_out h + b_out) + b_enc = (W_enc W_out) h + (W_enc b_out + b_enc),
-    # so the decoder's output layer is folded into the encoders' first layers and the swapped
-    # spectrograms (2B, T, F) are never materialised. Same parameters and maths (up to float
-    # rounding); other options take the generic path.
-
-    @property
-    def _fused_encoders(self) -> bool:
-        return self.cfg.v_posterior == "^" and self.cfg.z_feature == "^"
-
-    def _reencode_decoded(self, s: torch.Tensor, mask: torch.Tensor, sample: bool,
-                          v_sample: bool) -> tuple[Normal, Normal]:
-        """q(v | x), q(z | x) of x = likelihood.out(2s - 1), from the sigmoid form s of the
-        decoder's last hidden layer (tsdsae.model.layers)."""
-        out = self.likelihood.out
-        pre = []
-        for first in (self.v_posterior.encoder.mlp.first, self.z_posterior.features.mlp.first):
-            w, b = on_half(first.weight @ out.weight, first.weight @ out.bias + first.bias)
-            pre.append(linear(s, 2.0 * w, 2.0 * b))     # twice the first layer's output
-        qv = self.v_posterior.from_first(pre[0], mask)
-        v = qv.rsample() if v_sample else None
-        qz, _ = self.z_posterior.from_first(pre[1], v, sample=sample)
-        return qv, qz
-
     def encode(self, x: torch.Tensor, mask: torch.Tensor, sample: bool = True
-               ) -> tuple[Normal, torch.Tensor, Normal, torch.Tensor]:
+               ) -> tuple[DiagNormal, torch.Tensor, DiagNormal, torch.Tensor]:
         """q(v | x), v, q(z | x, v), z: samples when `sample`, else posterior means."""
         qv = self.v_posterior(x, mask)
         v = qv.rsample() if sample else qv.mean
@@ -158,47 +165,37 @@ class DSAE(nn.Module):
         """Mean of p(x | z, v): z (B, T, Z), v (B, V) -> (B, T, F)."""
         if mask is None:
             mask = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
-        return self.likelihood.decode_many(z, v.unsqueeze(0), mask).squeeze(0)
+        return self.likelihood(z, v, mask).mean
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor,
-                swap_perm: torch.Tensor | None = None) -> Outputs:
-        """The training pass; with `swap_perm` (a permutation pi of the batch) also both swaps.
-
-        Swaps, computed in one batched decode + one batched re-encode:
-          rows 0..B-1  (global swap): x_g[i] = decode(z_i, v_pi(i))
-          rows B..2B-1 (local swap):  x_l'[j] = decode(z_j, v_pi^-1(j))
-        x_l'[j] is METHOD's local swap decode(z_pi(i), v_i) listed at j = pi(i) instead of at i.
-        Every swap term is a mean over the batch, so the order is immaterial, and this way only
-        the small (B, V) tensors are permuted, never the (B, T, Z) latents; each swap keeps the
-        mask of the clip whose z it decodes. See tsdsae.losses.swap_terms for the targets.
+                swap_perms: tuple[torch.Tensor, torch.Tensor] | None = None) -> Outputs:
+        """The training pass; with `swap_perms` = (pi_g, pi_l), two permutations of the batch,
+        also both swaps (METHOD s4), decoded in one batch of 3B and re-encoded in one of 2B:
+          rows 0..B-1  (global swap): x_g[i] = decode(z_i, v_pi_g(i))
+          rows B..2B-1 (local swap):  x_l'[j] = decode(z_j, v_pi_l^-1(j))
+        x_l'[j] is METHOD's local swap x_l[i] = decode(z_pi_l(i), v_i) listed at j = pi_l(i)
+        instead of at i. Every swap term is a batch mean, so the order is immaterial; this way
+        only the (B, V) tensors are permuted and each swap keeps the mask of the clip whose z it
+        decodes. tsdsae.losses.swap_terms pairs the rows with their targets.
         """
-        qv, v, qz, z = self.encode(x, mask, sample=True)
+        qv = self.v_posterior(x, mask)
+        v = qv.rsample()
+        qz, z = self.z_posterior(x, mask, v)
         pz = self.z_prior(z)
-        if swap_perm is None:
+        if swap_perms is None:
             return Outputs(qv, v, qz, z, pz, self.decode(z, v, mask))
-        inv = torch.empty_like(swap_perm)
-        inv[swap_perm] = torch.arange(swap_perm.numel(), device=swap_perm.device)
-        vs = torch.stack([v, v[swap_perm], v[inv]])                           # (3, B, V)
+        perm_g, perm_l = swap_perms
         b = x.shape[0]
+        v_pairs = torch.cat([v, v[perm_g], v[inverse_permutation(perm_l)]])     # (3B, V)
+        means = self.likelihood(z.repeat(3, 1, 1), v_pairs, mask.repeat(3, 1)).mean
+        x_mean, x_swap = means[:b], means[b:]                                  # (B|2B, T, F)
         mask2 = mask.repeat(2, 1)
-        # Only an autoregressive or v-conditioned posterior needs the re-encoding's samples.
-        needs_sample = self.cfg.z_posterior != "x" or self.cfg.v_condition
-        if self._fused_encoders and self.cfg.likelihood == "^":
-            hidden = self.likelihood.hidden_many(z, vs)                       # (3, B, T, H), sigmoid form
-            h_main, h_swap = hidden.split([1, 2])
-            x_mean = linear_on_half(h_main.squeeze(0), self.likelihood.out)   # (B, T, F)
-            qv_swap, qz_swap = self._reencode_decoded(
-                h_swap.reshape(2 * b, *h_swap.shape[2:]), mask2, needs_sample,
-                self.cfg.v_condition)
-            return Outputs(qv, v, qz, z, pz, x_mean, qv_swap, qz_swap)
-        means = self.likelihood.decode_many(z, vs, mask)                      # (3, B, T, F)
-        # split (not indexing): its backward concatenates instead of zero-filling (3, B, T, F)
-        x_mean, x_swap = means.split([1, 2])
-        x_swap = x_swap.reshape(2 * b, *means.shape[2:])                      # (2B, T, F)
+        # The re-encoding samples (METHOD s4); its z samples feed only an autoregressive
+        # posterior's next step, and its v sample only a v-conditioned z posterior.
         qv_swap = self.v_posterior(x_swap, mask2)
         v_swap = qv_swap.rsample() if self.cfg.v_condition else None
-        qz_swap, _ = self.z_posterior(x_swap, mask2, v_swap, sample=needs_sample)
-        return Outputs(qv, v, qz, z, pz, x_mean.squeeze(0), qv_swap, qz_swap)
+        qz_swap, _ = self.z_posterior(x_swap, mask2, v_swap, sample=self.cfg.z_posterior != "x")
+        return Outputs(qv, v, qz, z, pz, x_mean, qv_swap, qz_swap)
 
     # -- disentanglement probes (posterior means) ---------------------------------------------
 
@@ -230,4 +227,11 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["DSAE", "Outputs", "count_parameters", "normal"]
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """pi^-1 of a permutation pi (N,) of 0..N-1: pi^-1[pi[i]] = i."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+__all__ = ["DSAE", "Outputs", "count_parameters", "inverse_permutation", "normal"]

@@ -1,6 +1,7 @@
 """Ray Train path: real local Ray (2 CPUs, gloo DDP), a real MLflow server, S3 over HTTP (moto)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -11,8 +12,8 @@ import torch
 
 from tsdsae import checkpoint
 from tsdsae.config import apply_overrides, debug, to_flat
-from tsdsae.ray_train import (BatchShare, InjectedFault, RayOptions, _maybe_fail, ddp_wrap,
-                              driver_config, split_config, stage_jobs, train_driver_fn)
+from tsdsae.ray_train import (BatchShare, RayOptions, ddp_wrap, driver_config, split_config,
+                              stage_jobs, train_driver_fn)
 from tsdsae.storage import open_store
 from tsdsae.toy import make_toy_dataset
 from tsdsae.trainer import Trainer, batch_parts
@@ -54,16 +55,6 @@ def test_one_job_per_stage_and_one_for_dsae():
     assert stage_jobs(cfg) == [(1, range(0, 5)), (2, range(5, 12))]
     dsae = apply_overrides(cfg, ["schedule.variant=dsae"])
     assert stage_jobs(dsae) == [(1, range(0, 12))]
-
-
-def test_fault_injection_fires_once(tmp_path):
-    faults = [{"rank": 1, "epoch": 3, "marker": str(tmp_path / "m")}]
-    _maybe_fail(faults, rank=0, epoch=3)
-    _maybe_fail(faults, rank=1, epoch=2)
-    with pytest.raises(InjectedFault, match="rank 1 after epoch 3"):
-        _maybe_fail(faults, rank=1, epoch=3)
-    _maybe_fail(faults, rank=1, epoch=3)            # the marker exists: no second failure
-    assert (tmp_path / "m").exists()
 
 
 def test_every_rank_gets_one_entry_per_global_batch():
@@ -124,12 +115,16 @@ def test_cli_lists_the_ray_options_and_rejects_bad_ones():
 # On Ray
 
 
-def test_two_gloo_workers_match_a_single_process_run(tmp_path, ray_cluster, mlflow_server):
+def test_two_gloo_workers_match_a_single_process_run(tmp_path, ray_cluster, mlflow_server,
+                                                     monkeypatch):
     """The debug preset, TS-DSAE with stage 2 from epoch 2: two DDP workers splitting each global
     batch give the single process's losses up to sampling noise; MLflow gets one run with the
-    dotted params, each epoch once, the evaluation, a PNG and the checkpoint."""
+    dotted params, each epoch once, the evaluation, a PNG and the checkpoint. The checkpoint root
+    is relative to the driver's working directory (Ray's workers run in another one): best.pt
+    lands under the driver's root."""
     experiment = f"ray-{uuid.uuid4().hex[:8]}"
-    cfg = _debug(tmp_path / "ray", "two", "schedule.switch_epoch=2", "schedule.max_epochs=4",
+    monkeypatch.chdir(tmp_path)
+    cfg = _debug("ray", "two", "schedule.switch_epoch=2", "schedule.max_epochs=4",
                  "tracking.enabled=true", f"tracking.uri={mlflow_server.uri}",
                  f"tracking.experiment={experiment}")
     c = cfg.data
@@ -140,6 +135,9 @@ def test_two_gloo_workers_match_a_single_process_run(tmp_path, ray_cluster, mlfl
 
     summary = train_driver_fn(driver_config(cfg, num_workers=2, cpus_per_worker=1))
     assert summary["epochs_run"] == 4 and summary["run_dir"] == str(tmp_path / "ray" / "two")
+    assert summary["best_checkpoint"] == str(tmp_path / "ray" / "two" / "best.pt")
+    best = checkpoint.load(summary["best_checkpoint"])
+    assert best["epoch"] == summary["best_epoch"] and best["stage"] == 2
     assert set(summary["eval"]) >= {"pre_swap", "gswap", "lswap"}
 
     client = mlflow_server.client()
@@ -186,31 +184,51 @@ def _upload(folder: Path, uri: str, endpoint: str) -> None:
             store.upload_file(path, path.relative_to(folder).as_posix())
 
 
+class KillWorker:
+    """An epoch callback that SIGKILLs the worker process of `rank` after each epoch in
+    `epochs`, once per epoch (a marker file in `marker_dir` remembers it across restarts)."""
+
+    def __init__(self, rank: int, epochs: tuple[int, ...], marker_dir: Path):
+        self.rank, self.epochs, self.marker_dir = rank, epochs, str(marker_dir)
+
+    def __call__(self, record: dict, rank: int) -> None:
+        if rank != self.rank or record["epoch"] not in self.epochs:
+            return
+        try:
+            open(Path(self.marker_dir) / f"killed-{record['epoch']}", "x").close()
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def test_worker_failures_in_stage_two_resume_with_s3_storage(tmp_path, ray_cluster, s3_server,
                                                              mlflow_server, small_dmelodies,
-                                                             monkeypatch, capsys):
-    """Shards and checkpoints on S3 over HTTP. Rank 1 fails after epoch 3 (stage 2): the worker
-    group restarts from the epoch-2 checkpoint. It fails again after epoch 4, beyond
-    max_failures=1: the CLI stops; rerunning the same command resumes. One MLflow run, each epoch
-    logged once, and the snapshot is bitwise the global encoder at the switch."""
-    from tsdsae.train import main
+                                                             capsys):
+    """Shards and checkpoints on S3 over HTTP. Rank 1's worker process is killed after epoch 3
+    (stage 2): the worker group restarts from the epoch-2 checkpoint. It is killed again after
+    epoch 4, beyond max_failures=1: the run stops; rerunning the same command resumes. One MLflow
+    run, each epoch logged once, and the snapshot is bitwise the global encoder at the switch."""
+    import ray.cloudpickle
+    import ray.train
 
+    from tsdsae.train import build_parser, config_from_args, main
+
+    # Workers cannot import this test module: ship KillWorker by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     bucket = s3_server.make_bucket("ray")
     _upload(Path(small_dmelodies), f"s3://{bucket}/data/small", s3_server.endpoint_url)
     experiment = f"ray-s3-{uuid.uuid4().hex[:8]}"
-    markers = [tmp_path / "fault-3", tmp_path / "fault-4"]
-    monkeypatch.setenv("TSDSAE_FAULT_INJECTION", json.dumps(
-        [{"rank": 1, "epoch": 3, "marker": str(markers[0])},
-         {"rank": 1, "epoch": 4, "marker": str(markers[1])}]))
     argv = ["--preset", "debug", "--data", f"s3://{bucket}/data/small", "--model", "ts_dsae",
             "--name", "s3run", "--endpoint-url", s3_server.endpoint_url, "--num-workers", "2",
             "--max-failures", "1", "--quiet", f"checkpoint.root=s3://{bucket}/runs",
             "checkpoint.every=1", "schedule.switch_epoch=2", "schedule.max_epochs=6",
             "tracking.enabled=true", f"tracking.uri={mlflow_server.uri}",
             f"tracking.experiment={experiment}"]
-    assert main(argv) == 1
-    assert "rerun the same command to resume" in capsys.readouterr().err
-    assert all(m.exists() for m in markers)
+    cfg = config_from_args(build_parser().parse_args(argv))
+    with pytest.raises(ray.train.TrainingFailedError):
+        train_driver_fn(driver_config(cfg, num_workers=2, cpus_per_worker=1, max_failures=1),
+                        epoch_callbacks=[KillWorker(1, (3, 4), tmp_path)])
+    assert (tmp_path / "killed-3").exists() and (tmp_path / "killed-4").exists()
     client = mlflow_server.client()
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert run.info.status == "FAILED"

@@ -12,8 +12,8 @@ import torch
 
 from tsdsae import checkpoint
 from tsdsae.config import apply_overrides, debug, to_flat
-from tsdsae.ray_train import (BatchShare, RayOptions, ddp_wrap, driver_config, split_config,
-                              stage_jobs, train_driver_fn)
+from tsdsae.ray_train import (BatchShare, RayOptions, ddp_wrap, driver_config,
+                              resolve_locations, split_config, stage_jobs, train_driver_fn)
 from tsdsae.storage import open_store
 from tsdsae.toy import make_toy_dataset
 from tsdsae.trainer import Trainer, batch_parts
@@ -115,6 +115,21 @@ def test_cli_lists_the_ray_options_and_rejects_bad_ones():
 # On Ray
 
 
+class RecordAllocatorEnv:
+    """An epoch callback writing each rank's MALLOC_ARENA_MAX to `folder`/rank<r>."""
+
+    def __init__(self, folder: Path):
+        self.folder = str(folder)
+
+    def __call__(self, record: dict, rank: int) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        Path(self.folder, f"rank{rank}").write_text(os.environ.get("MALLOC_ARENA_MAX", "unset"))
+
+
+def _job_env_fn():
+    return os.environ.get("MALLOC_ARENA_MAX")
+
+
 def test_two_gloo_workers_match_a_single_process_run(tmp_path, ray_cluster, mlflow_server,
                                                      monkeypatch):
     """The debug preset, TS-DSAE with stage 2 from epoch 2: two DDP workers splitting each global
@@ -122,6 +137,9 @@ def test_two_gloo_workers_match_a_single_process_run(tmp_path, ray_cluster, mlfl
     dotted params, each epoch once, the evaluation, a PNG and the checkpoint. The checkpoint root
     is relative to the driver's working directory (Ray's workers run in another one): best.pt
     lands under the driver's root."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # RecordAllocatorEnv
     experiment = f"ray-{uuid.uuid4().hex[:8]}"
     monkeypatch.chdir(tmp_path)
     cfg = _debug("ray", "two", "schedule.switch_epoch=2", "schedule.max_epochs=4",
@@ -133,8 +151,13 @@ def test_two_gloo_workers_match_a_single_process_run(tmp_path, ray_cluster, mlfl
                      progress=False)
     single.fit()
 
-    summary = train_driver_fn(driver_config(cfg, num_workers=2, cpus_per_worker=1))
+    summary = train_driver_fn(driver_config(cfg, num_workers=2, cpus_per_worker=1),
+                              epoch_callbacks=[RecordAllocatorEnv(tmp_path / "env")])
     assert summary["epochs_run"] == 4 and summary["run_dir"] == str(tmp_path / "ray" / "two")
+    # The allocator setting reaches the Train workers only (not the job's other processes).
+    assert sorted(p.name for p in (tmp_path / "env").iterdir()) == ["rank0", "rank1"]
+    assert {p.read_text() for p in (tmp_path / "env").iterdir()} == {"1"}
+    assert ray_cluster.get(ray_cluster.remote(_job_env_fn).remote()) is None
     assert summary["best_checkpoint"] == str(tmp_path / "ray" / "two" / "best.pt")
     best = checkpoint.load(summary["best_checkpoint"])
     assert best["epoch"] == summary["best_epoch"] and best["stage"] == 2
@@ -143,7 +166,9 @@ def test_two_gloo_workers_match_a_single_process_run(tmp_path, ray_cluster, mlfl
     client = mlflow_server.client()
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "two"
-    assert run.data.params == {k: str(v) for k, v in to_flat(cfg).items()}
+    # Params as the workers ran them: locations resolved on the driver (an absolute root).
+    assert run.data.params == {k: str(v) for k, v in to_flat(resolve_locations(cfg)).items()}
+    assert run.data.params["checkpoint.root"] == str(tmp_path / "ray")
     assert run.data.tags["tsdsae.num_workers"] == "2"
     # Measured: loss and recon within 0.4 %, the small KL terms within 0.003 (sampling noise:
     # each rank draws its own noise and swap permutation for its part of the batch).

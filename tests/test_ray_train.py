@@ -257,7 +257,10 @@ def test_worker_failures_in_stage_two_resume_with_s3_storage(tmp_path, ray_clust
     client = mlflow_server.client()
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert run.info.status == "FAILED"
-    assert [s for s, _ in _history(client, run.info.run_id, "stage")] == [0, 1, 2, 3, 4]
+    # Rank 0 logs each epoch before the report barrier; whether it logs epoch 4 before the
+    # controller stops it after rank 1's death is a race.
+    logged = [s for s, _ in _history(client, run.info.run_id, "stage")]
+    assert logged[:4] == [0, 1, 2, 3] and logged[4:] in ([], [4])
 
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -270,9 +273,14 @@ def test_worker_failures_in_stage_two_resume_with_s3_storage(tmp_path, ray_clust
         steps = [s for s, _ in _history(client, run.info.run_id, key)]
         assert steps == sorted(set(steps)) and steps[-1] == 5, (key, steps)
     assert len(client.search_runs([run.info.experiment_id])) == 1
-    # Worker groups started at: stage 1, stage 2, the retry after the epoch-3 fault (from the
-    # epoch-2 checkpoint), the rerun after the epoch-4 fault (from the epoch-3 checkpoint).
-    assert [s for s, _ in _history(client, run.info.run_id, "start_epoch")] == [0, 2, 3, 4]
+    # Worker groups started at: stage 1 (0), stage 2 (2), the retry after the kill after epoch
+    # 3, the rerun after the kill after epoch 4. Each resumes from the latest checkpoint Ray's
+    # controller had registered; a killed worker group can take the report it had not yet
+    # consumed with it (measured: the retry after epoch 3 started at 2 in one of two runs), so
+    # the retry starts at 2 or 3 and the rerun at 3 or 4.
+    starts = [s for s, _ in _history(client, run.info.run_id, "start_epoch")]
+    assert starts[:2] == [0, 2] and len(starts) == 4, starts
+    assert starts[2] in (2, 3) and starts[3] in (3, 4), starts
 
     store = open_store(f"s3://{bucket}/runs/s3run", s3_server.endpoint_url)
     names = store.list()

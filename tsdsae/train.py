@@ -128,11 +128,14 @@ def _train_here(cfg, args) -> dict:
     configure_device(trainer.device)
     if trainer.device.type == "cpu":
         keep_freed_memory()   # process-wide allocator setting for CPU steps (see its docstring)
+    if not args.no_resume:
+        # A last.pt that does not fit is refused before the MLflow run is touched.
+        trainer.resume()
     tracker = tracking.start_run(cfg, tracking.run_key(trainer.run_dir), resume=not args.no_resume,
                                  tags={"tsdsae.run_dir": trainer.run_dir})
     trainer.callbacks.append(tracker)
     try:
-        result = trainer.fit(resume=not args.no_resume)
+        result = trainer.fit(resume=False)          # resumed above
         summary = {k: result[k] for k in ("epochs_run", "stopped_early", "best_epoch", "best_val",
                                           "best_checkpoint")}
         if not args.no_eval:

@@ -38,16 +38,16 @@ def test_load_dataset_is_the_toy_form(small_dmelodies):
     assert is_dataset_uri(small_dmelodies) and is_dataset_uri(small_dmelodies / "dataset.json")
     assert is_dataset_uri("s3://bucket/prefix") and not is_dataset_uri("toy")
     data = load_dataset(small_dmelodies / "dataset.json")
-    assert isinstance(data, Dataset) and list(data) == ["train", "val"]
-    assert data.name == "dmelodies" and data.meta["manifest"]["num_samples"] == 16
+    assert isinstance(data, Dataset) and list(data) == ["train", "val", "test"]
+    assert data.name == "dmelodies" and data.meta["manifest"]["num_samples"] == 24
     assert data["train"].instruments == data["val"].instruments == ("violin", "trumpet")
     assert data["train"].audio is None
     assert data["val"].instrument.dtype == torch.int64 and data["val"].notes.dtype == torch.int64
     only_val = load_dataset(small_dmelodies, splits=["val"])
     assert list(only_val) == ["val"]
     assert torch.equal(only_val["val"].features, data["val"].features)
-    with pytest.raises(KeyError, match="no split 'test'"):
-        load_dataset(small_dmelodies, splits=["test"])
+    with pytest.raises(KeyError, match="no split 'bogus'"):
+        load_dataset(small_dmelodies, splits=["bogus"])
 
 
 def test_streaming_matches_memory_and_shuffles_reproducibly(small_dmelodies):

@@ -87,7 +87,7 @@ def test_resume_from_a_last_checkpoint_of_another_config_says_what_to_do(checkpo
 
 
 def test_storage_errors_end_every_tool_with_one_line(s3_server, tmp_path, capsys):
-    from data_prep import dmelodies, folder, verify
+    from data_prep import dmelodies, verify
     from tsdsae import train
     from tune import robustness_sweep
 
@@ -114,9 +114,11 @@ def test_storage_errors_end_every_tool_with_one_line(s3_server, tmp_path, capsys
     assert time.monotonic() - start < 10
 
     (tmp_path / "empty").mkdir()
-    assert folder.main([str(tmp_path / "empty"), str(tmp_path / "out"), "--no-crepe",
-                        "--no-progress"]) == 2
-    _one_error_line(capsys.readouterr().err, str(tmp_path / "empty"))
+    out = subprocess.run([sys.executable, "-m", "data_prep.folder", str(tmp_path / "empty"),
+                          str(tmp_path / "out"), "--no-crepe", "--no-progress"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    _one_error_line(out.stderr, str(tmp_path / "empty"))
 
     odd = "s3://bkt-x/exp?x/ds"
     assert train.main(["--preset", "debug", "--data", odd, "--endpoint-url", endpoint]) == 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import sys
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ from data_prep import audio as audio_mod
 from data_prep.shards import (Sample, ShardTask, build_dataset, parse_fractions, sanitize_key,
                               stratified_split)
 from tsdsae import features
+from tsdsae.cli import cli_main, exit_status
 from tsdsae.storage import open_store
 
 TONICS = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
@@ -259,6 +261,7 @@ def _optional(value: str) -> str | None:
     return None if value.lower() in ("any", "none", "all") else value
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.dmelodies", description=__doc__.split("\n\n")[0],
@@ -306,4 +309,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -549,6 +549,12 @@ def format_report(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+import sys  # noqa: E402  (the command line tool below)
+
+from tsdsae.cli import cli_main, exit_status  # noqa: E402
+
+
+@cli_main
 def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m data_prep.folder",
                                 description=__doc__.split("\n\n")[0],
@@ -599,4 +605,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

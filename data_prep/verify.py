@@ -15,6 +15,7 @@ import dataclasses
 import sys
 from typing import Sequence
 
+from tsdsae.cli import cli_main
 from tsdsae.data import ShardError, load_manifest, read_shard
 from tsdsae.storage import StorageError, open_store
 
@@ -78,6 +79,7 @@ def verify_dataset(uri: str, endpoint_url: str | None = None, decode_audio: bool
     return report
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.verify",
                                 description=__doc__.split("\n\n")[0])
@@ -85,12 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--skip-audio", action="store_true", help="do not decode the FLAC members")
     args = p.parse_args(argv)
-    try:
-        report = verify_dataset(args.uri, args.endpoint_url, decode_audio=not args.skip_audio,
-                                progress=sys.stderr.isatty())
-    except StorageError as exc:
-        print(f"BAD {args.uri}: {exc}", file=sys.stderr)
-        return 1
+    report = verify_dataset(args.uri, args.endpoint_url, decode_audio=not args.skip_audio,
+                            progress=sys.stderr.isatty())
     print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 1
 

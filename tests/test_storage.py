@@ -1,13 +1,15 @@
 """tsdsae.storage against a local directory and a real S3 API (moto over HTTP)."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
 from conftest import free_port
-from tsdsae.storage import (ObjectNotFound, StorageError, absolute_location, open_store,
-                            pyarrow_filesystem, split_s3_uri)
+from tsdsae import checkpoint
+from tsdsae.storage import (PROBE, TRANSFER, ObjectNotFound, StorageError, absolute_location,
+                            open_store, pyarrow_filesystem, split_s3_uri)
 
 
 def _round_trip(store, tmp_path):
@@ -118,7 +120,85 @@ def test_absolute_location(tmp_path, monkeypatch):
 
 
 def test_split_s3_uri():
-    assert split_s3_uri("s3://b/x/y/") == ("b", "x/y")
-    assert split_s3_uri("s3://b") == ("b", "")
-    with pytest.raises(StorageError):
+    assert split_s3_uri("s3://bkt/x/y/") == ("bkt", "x/y")
+    assert split_s3_uri("s3://bkt") == ("bkt", "")
+    assert split_s3_uri("s3://bkt/a b/%41/ü;x=1") == ("bkt", "a b/%41/ü;x=1")   # verbatim
+    with pytest.raises(StorageError, match="no bucket"):
         split_s3_uri("s3:///x")
+    with pytest.raises(StorageError, match="not a valid S3 bucket name"):
+        split_s3_uri("s3://My_Bucket/x")
+
+
+def test_s3_key_prefixes_are_verbatim_or_refused(s3_server, tmp_path):
+    """Everything after s3://bucket/ is the key prefix: characters that URL parsers keep land in
+    the key as written; '?' and '#' (which they cut at) are refused wherever a URI is opened,
+    so two different URIs never share objects."""
+    bucket = s3_server.make_bucket()
+    endpoint = s3_server.endpoint_url
+    odd = f"s3://{bucket}/exp x/%41/flûte;v=1"
+    open_store(odd, endpoint).write_bytes("dataset.json", b"{}")
+    checkpoint.save({"epoch": 0}, f"{odd}/best.pt", endpoint)
+    path, _ = pyarrow_filesystem(odd, endpoint)
+    assert path == f"{bucket}/exp x/%41/flûte;v=1"
+    keys = sorted(o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == ["exp x/%41/flûte;v=1/best.pt", "exp x/%41/flûte;v=1/dataset.json"]
+    assert checkpoint.load(f"{odd}/best.pt", endpoint_url=endpoint)["epoch"] == 0
+
+    for uri in (f"s3://{bucket}/exp?x/ds", f"s3://{bucket}/exp#x/ds", f"s3://{bucket}/a\\b"):
+        for use in (lambda u: open_store(u, endpoint),
+                    lambda u: checkpoint.save({"epoch": 0}, f"{u}/best.pt", endpoint),
+                    lambda u: pyarrow_filesystem(u, endpoint)):
+            with pytest.raises(StorageError) as info:
+                use(uri)
+            assert repr(uri) in str(info.value) and "cannot be used" in str(info.value)
+    assert sorted(o["Key"] for o in s3_server.client().list_objects_v2(
+        Bucket=bucket)["Contents"]) == keys                    # nothing written by the refusals
+
+
+class RestartableMoto:
+    """A moto S3 server of its own (same in-process backend as the session server, so buckets
+    survive a restart) that can be stopped - its port then refuses connections - and started
+    again on the same port."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+
+    def start(self):
+        self.server.start()
+
+    def stop(self):
+        self.server.stop()
+        self.server._server.server_close()       # release the port: connections are refused
+
+
+def test_transfers_ride_out_a_restarted_server_while_probes_fail_fast(s3_server):
+    """A checkpoint write that meets a stopped S3 server is retried (TRANSFER policy) until the
+    server is back, instead of ending the run; a probe of the stopped server (PROBE policy)
+    fails in seconds with one clear error."""
+    assert PROBE.max_attempts == 2 and TRANSFER.max_attempts >= 5 and TRANSFER.mode == "adaptive"
+    moto = RestartableMoto()
+    moto.start()
+    try:
+        bucket = s3_server.make_bucket()               # shared backend: visible on both ports
+        uri = f"s3://{bucket}/runs/r1/last.pt"
+        checkpoint.save({"epoch": 1}, uri, moto.endpoint_url)      # probed and working
+        moto.stop()
+        start = time.monotonic()
+        with pytest.raises(StorageError, match="unreachable"):
+            open_store(f"s3://{bucket}/runs", moto.endpoint_url).check()
+        assert time.monotonic() - start < 5
+
+        restart = threading.Timer(2.0, moto.start)
+        restart.start()
+        start = time.monotonic()
+        checkpoint.save({"epoch": 2}, uri, moto.endpoint_url)       # waits for the restart
+        took = time.monotonic() - start
+        restart.join()
+        assert took >= 1.5
+        assert checkpoint.load(uri, endpoint_url=s3_server.endpoint_url)["epoch"] == 2
+    finally:
+        moto.stop()

@@ -73,9 +73,20 @@ def test_dsae_freeze_keeps_the_global_encoder_in_stage_two(tmp_path, debug_data)
 def test_resume_equals_uninterrupted(tmp_path, debug_data):
     straight = Trainer(_cfg(tmp_path / "a", "checkpoint.every=1"), data=debug_data, progress=False)
     straight.fit()
-    # interrupted after 7 epochs (stage 2 has begun), then a fresh process-equivalent resumes
-    first = Trainer(_cfg(tmp_path / "b", "checkpoint.every=1"), data=debug_data, progress=False)
-    first.fit(stop_after=7)
+    # interrupted after 7 epochs (stage 2 has begun) by an epoch callback, as Ctrl-C would;
+    # then a fresh process-equivalent resumes
+    class Interrupt(Exception):
+        pass
+
+    def interrupt_after_7(record):
+        if record["epoch"] == 6:
+            raise Interrupt
+
+    first = Trainer(_cfg(tmp_path / "b", "checkpoint.every=1"), data=debug_data, progress=False,
+                    callbacks=[interrupt_after_7])
+    with pytest.raises(Interrupt):
+        first.fit()
+    assert first.epoch == 7 and checkpoint.load(first.last_uri)["epoch"] == 6
     resumed = Trainer(_cfg(tmp_path / "b", "checkpoint.every=1"), data=debug_data, progress=False)
     result = resumed.fit()
     assert result["epochs_run"] == 12 and resumed.model.has_snapshot

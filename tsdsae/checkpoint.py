@@ -3,26 +3,31 @@
 
 Contents: format, config (flat dotted keys), epoch (last finished), stage, model state, snapshot
 state (the informed prior, or None), optimiser state, RNG state, early-stopping state, history.
-Locations are local paths or s3:// URIs (through tsdsae.storage).
+Locations are local paths or s3:// URIs; bytes are read and written by tsdsae.storage (atomic
+writes, S3 retries). `restore_model` is the one place that checks a checkpoint fits a model.
 """
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 
+from tsdsae.storage import ObjectNotFound, open_store
+
 FORMAT = 1
+MAX_LISTED = 5          # mismatching keys named in a CheckpointError
 
 
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, of another format, or not fitting the model
+    its config (or the run) describes. The message names the file, what does not match and what
+    to do."""
 
 
-def _local(uri: str) -> Path:
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+def _split(uri: str) -> tuple[str, str]:
+    """"dir/name.pt" -> ("dir", "name.pt"); a bare name lives in the working directory."""
+    parent, _, name = str(uri).rstrip("/").rpartition("/")
+    return parent or ".", name
 
 
 def to_bytes(state: dict) -> bytes:
@@ -36,49 +41,87 @@ def from_bytes(data: bytes, map_location="cpu") -> dict:
 
 
 def save(state: dict, uri: str, endpoint_url: str | None = None) -> str:
-    """Write atomically (a reader never sees half a checkpoint). Returns the URI."""
-    state = {"format": FORMAT, **state}
-    data = to_bytes(state)
-    if _is_remote(uri):
-        from tsdsae.storage import open_store   # only the storage module talks to object stores
-        parent, name = uri.rsplit("/", 1)
-        open_store(parent, endpoint_url=endpoint_url).write_bytes(name, data)
-        return uri
-    path = _local(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return str(path)
+    """Write atomically through tsdsae.storage (a reader never sees half a checkpoint; S3 writes
+    use its patient TRANSFER retries). Returns the checkpoint's full location."""
+    parent, name = _split(uri)
+    store = open_store(parent, endpoint_url=endpoint_url)
+    store.write_bytes(name, to_bytes({"format": FORMAT, **state}))
+    return store.url(name)
 
 
 def exists(uri: str, endpoint_url: str | None = None) -> bool:
-    if _is_remote(uri):
-        from tsdsae.storage import open_store
-        parent, name = uri.rsplit("/", 1)
-        return open_store(parent, endpoint_url=endpoint_url).exists(name)
-    return _local(uri).is_file()
+    parent, name = _split(uri)
+    return open_store(parent, endpoint_url=endpoint_url).exists(name)
 
 
 def load(uri: str, map_location="cpu", endpoint_url: str | None = None) -> dict:
-    if _is_remote(uri):
-        from tsdsae.storage import open_store
-        parent, name = uri.rsplit("/", 1)
+    """The checkpoint dict at `uri` (loaded with weights_only=True).
+
+    Raises FileNotFoundError (tsdsae.storage.ObjectNotFound) when there is none, CheckpointError
+    when the file is not a readable checkpoint of this format, StorageError when the location
+    cannot be reached."""
+    parent, name = _split(uri)
+    try:
         data = open_store(parent, endpoint_url=endpoint_url).read_bytes(name)
-    else:
-        path = _local(uri)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {uri}")
-        data = path.read_bytes()
+    except ObjectNotFound:
+        raise ObjectNotFound(f"no checkpoint at {uri}; check the path (runs/NAME/best.pt or "
+                             "last.pt)") from None
     try:
         state = from_bytes(data, map_location)
     except Exception as exc:   # truncated or foreign file
-        raise ValueError(f"{uri} is not a readable tsdsae checkpoint ({exc.__class__.__name__}: "
-                         f"{exc}); delete it or point at another checkpoint") from exc
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{uri}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
+        raise CheckpointError(
+            f"{uri} is not a readable tsdsae checkpoint ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it or point at another "
+            "checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{uri}: checkpoint format {found!r}, expected {FORMAT}; it was "
+                              "not written by this version of tsdsae")
     return state
+
+
+def mismatches(expected: dict, found, prefix: str = "") -> list[str]:
+    """How a state dict `found` differs from the model's own `expected` (name -> tensor):
+    missing keys, unexpected keys and differing shapes, one line each, sorted."""
+    if not isinstance(found, dict):
+        return [f"{prefix or 'model'}: no weights ({type(found).__name__})"]
+    out = [f"missing {prefix}{k} {tuple(v.shape)}" for k, v in expected.items() if k not in found]
+    out += [f"unexpected {prefix}{k}" for k in found if k not in expected]
+    out += [f"{prefix}{k}: shape {tuple(found[k].shape)} in the checkpoint, "
+            f"{tuple(v.shape)} in the model" for k, v in expected.items()
+            if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(v.shape)]
+    return sorted(out)
+
+
+def restore_model(model, state: dict, uri: str, fix: str = "") -> None:
+    """Load the model weights and the informed-prior snapshot of `state` into `model` (a DSAE
+    built from the config the weights are meant for).
+
+    Raises CheckpointError naming `uri`, the first MAX_LISTED mismatching keys/shapes and `fix`
+    (what to do; default: use a checkpoint of the same configuration) when they do not fit.
+    """
+    problems = mismatches(model.state_dict(), state.get("model"))
+    snapshot = state.get("snapshot")
+    if not problems and snapshot is not None:
+        model.take_snapshot()                      # the snapshot's own shapes, from this config
+        problems = mismatches(model.snapshot_state_dict(), snapshot, "snapshot.")
+    if not problems:
+        try:
+            model.load_state_dict(state["model"])
+            model.load_snapshot_state_dict(snapshot)
+            return
+        except (RuntimeError, ValueError) as exc:
+            problems = [str(exc).strip().splitlines()[-1]]
+    raise mismatch_error(uri, problems, fix)
+
+
+def mismatch_error(uri: str, problems: list[str], fix: str = "") -> CheckpointError:
+    shown = "; ".join(problems[:MAX_LISTED])
+    more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+    fix = fix or ("use a checkpoint written with this configuration, or pass the configuration "
+                  "it was trained with")
+    return CheckpointError(f"{uri} does not fit its configuration: {len(problems)} mismatching "
+                           f"weight(s): {shown}{more}; {fix}")
 
 
 def rng_state() -> dict:

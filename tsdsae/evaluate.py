@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.metrics import f1_score
 
 from tsdsae import features
+from tsdsae.cli import cli_main
 from tsdsae.dataset import Dataset, Split
 from tsdsae.model.dsae import DSAE
 
@@ -174,7 +176,8 @@ def evaluate(model: DSAE, data: Dataset, split: str = "val", seed: int = 0,
     return result
 
 
-def main(argv=None) -> None:
+@cli_main
+def main(argv=None) -> int:
     from tsdsae import checkpoint
     from tsdsae.config import from_flat
     from tsdsae.trainer import load_data, resolve_device
@@ -199,14 +202,14 @@ def main(argv=None) -> None:
     if args.data:
         cfg = from_flat({"data.uri": args.data}, cfg)
     model = DSAE(cfg.model)
-    model.load_state_dict(state["model"])
-    model.load_snapshot_state_dict(state.get("snapshot"))
+    checkpoint.restore_model(model, state, args.checkpoint)
     device = resolve_device(args.device)
     result = evaluate(model, load_data(cfg.data), args.split or cfg.data.eval_split, args.seed,
                       device, pitch=args.pitch, crepe_model=args.crepe_model,
                       pitch_clips=args.pitch_clips, progress=True)
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from tsdsae import features
+from tsdsae.cli import cli_main
 from tsdsae.model.dsae import DSAE
 
 PROGRAMS = ("log_mel", "v_mean", "z_mean", "decode")
@@ -167,6 +168,7 @@ def export_model(model: DSAE, out_dir: str | Path,
     return manifest
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tsdsae.export",
@@ -185,12 +187,8 @@ def main(argv=None) -> int:
     if args.frames < 2:
         print(f"error: --frames {args.frames} must be at least 2", file=sys.stderr)
         return 2
-    try:
-        state = checkpoint.load(args.checkpoint, endpoint_url=args.endpoint_url)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    model, _ = model_from_state(state)
+    state = checkpoint.load(args.checkpoint, endpoint_url=args.endpoint_url)
+    model, _ = model_from_state(state, args.checkpoint)
     manifest = export_model(model, args.out, args.frames, state["config"], progress=True)
     print(json.dumps({name: {"file": str(Path(args.out) / spec["file"]),
                              "dynamic": spec["dynamic"], "static": spec["static"]}

@@ -350,14 +350,15 @@ class InferenceModel:
         return features.mel_to_audio(feats.detach().cpu(), n_iter=n_iter)
 
 
-def model_from_state(state: dict) -> tuple[DSAE, object]:
-    """A DSAE (and its RunConfig) from a checkpoint dict (tsdsae.checkpoint format)."""
+def model_from_state(state: dict, source: str = "the checkpoint") -> tuple[DSAE, object]:
+    """A DSAE (and its RunConfig) from a checkpoint dict (tsdsae.checkpoint format). Raises
+    tsdsae.checkpoint.CheckpointError naming `source` when the weights do not fit the config."""
+    from tsdsae.checkpoint import restore_model
     from tsdsae.config import from_flat
 
     cfg = from_flat(state["config"])
     model = DSAE(cfg.model)
-    model.load_state_dict(state["model"])
-    model.load_snapshot_state_dict(state.get("snapshot"))
+    restore_model(model, state, source)
     return model, cfg
 
 
@@ -366,5 +367,6 @@ def load(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
     """An InferenceModel from a checkpoint path or s3:// URI (loaded with weights_only)."""
     from tsdsae import checkpoint as ckpt
 
-    model, cfg = model_from_state(ckpt.load(str(checkpoint), endpoint_url=endpoint_url))
+    model, cfg = model_from_state(ckpt.load(str(checkpoint), endpoint_url=endpoint_url),
+                                  str(checkpoint))
     return InferenceModel(model, cfg, device)

@@ -37,21 +37,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from tsdsae import checkpoint, schedule, tracking
 from tsdsae.config import PRESETS, RunConfig, apply_overrides
-from tsdsae.storage import absolute_location, open_store, pyarrow_filesystem, resolve_endpoint
+from tsdsae.storage import absolute_location, open_store, resolve_endpoint
+from tsdsae.train_step import keep_freed_memory
 from tsdsae.trainer import Trainer, load_data
 
 STATE_FILE = "state.pt"
-FAULT_ENV = "TSDSAE_FAULT_INJECTION"
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,9 +75,6 @@ class RayOptions:
     parent_run_id    MLflow run to nest this run's run under (a sweep's run)
     evaluate         evaluate the best checkpoint and log it at the end
     keep_checkpoints Ray checkpoints kept per stage (the latest is always kept)
-    fault_injection  test hook: ({"rank": r, "epoch": e, "marker": path}, ...) raises once on
-                     rank r after epoch e; the marker file makes it fire only once. Also read
-                     from the TSDSAE_FAULT_INJECTION environment variable (JSON list).
     """
 
     num_workers: int = 1
@@ -88,7 +86,6 @@ class RayOptions:
     parent_run_id: str = ""
     evaluate: bool = True
     keep_checkpoints: int = 2
-    fault_injection: tuple = ()
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -103,9 +100,6 @@ class RayOptions:
             raise ValueError(f"max_failures={self.max_failures} must be >= -1 (-1 = unlimited)")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
-        for fault in self.fault_injection:
-            if not {"rank", "epoch", "marker"} <= set(fault):
-                raise ValueError(f"fault_injection entry {fault!r} needs rank, epoch and marker")
 
     @property
     def torch_threads(self) -> int:
@@ -130,8 +124,6 @@ def split_config(config: Mapping[str, Any]) -> tuple[RunConfig, RayOptions]:
             raise ValueError(f"preset={preset!r}: choose one of {sorted(PRESETS)}")
         base = PRESETS[preset]()
     options = {k: config.pop(k) for k in OPTION_KEYS if k in config}
-    faults = options.get("fault_injection") or json.loads(os.environ.get(FAULT_ENV, "[]"))
-    options["fault_injection"] = tuple(dict(f) for f in faults)
     if options.get("parent_run_id") is None:
         options["parent_run_id"] = ""
     return apply_overrides(base, config), RayOptions(**options)
@@ -143,44 +135,31 @@ def run_dir(cfg: RunConfig) -> str:
 
 
 def runtime_env() -> dict:
-    """The job-level Ray runtime_env for `ray.init`.
-
-    - MALLOC_ARENA_MAX=1: Ray Train runs the training loop in a thread of the worker process,
-      and glibc serves other threads from separate arenas, which do not keep freed activations
-      the way the main heap does under `keep_freed_memory`: the same step measured 6-8 %
-      slower in a thread than in a main thread. One arena, set before the threads exist,
-      removed the difference.
-    - When tsdsae runs from a source checkout rather than an installed package, its root goes
-      on the workers' PYTHONPATH (Ray's workers and the Train controller unpickle tsdsae
-      objects and need to import it).
-    """
+    """The job-level Ray runtime_env for `ray.init`: when tsdsae runs from a source checkout
+    rather than an installed package, its root goes on the workers' PYTHONPATH (Ray's workers
+    and the Train controller unpickle tsdsae objects and need to import it). Process-wide
+    allocator settings are not here: see WORKER_ENV."""
     import tsdsae
 
-    env = {"MALLOC_ARENA_MAX": "1"}
+    env = {}
     root = str(Path(tsdsae.__file__).resolve().parents[1])
     if "site-packages" not in root and "dist-packages" not in root:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     return {"env_vars": env}
 
 
+# The Train workers' own environment (RunConfig.worker_runtime_env, merged over the job's), and
+# only theirs: MALLOC_ARENA_MAX=1. Ray Train runs the training loop in a thread of the worker
+# process, and glibc serves other threads from separate arenas, which do not keep freed
+# activations the way the main heap does under `keep_freed_memory`: the same step measured
+# 6-8 % slower in a thread than in a main thread, and one arena, set before the threads exist,
+# removed the difference. Ray's other processes (idle workers, the Train controller, Tune
+# trials) keep glibc's defaults.
+WORKER_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker side
-
-
-class InjectedFault(RuntimeError):
-    """The failure a fault_injection entry raises (a test of surviving worker failure)."""
-
-
-def _maybe_fail(faults, rank: int, epoch: int) -> None:
-    for fault in faults:
-        if int(fault["rank"]) != rank or int(fault["epoch"]) != epoch:
-            continue
-        try:
-            with open(fault["marker"], "x") as f:        # "x": only the first attempt fires
-                f.write(f"rank {rank} failed after epoch {epoch} at {time.time()}\n")
-        except FileExistsError:
-            continue
-        raise InjectedFault(f"injected failure on rank {rank} after epoch {epoch}")
 
 
 class BatchShare:
@@ -265,6 +244,9 @@ def _read_state(ckpt, device: torch.device) -> dict:
         return checkpoint.load(str(Path(d) / STATE_FILE), device)
 
 
+EpochCallback = Callable[[dict, int], None]
+
+
 def _report(trainer: RankTrainer, record: dict, save: bool) -> None:
     """Every rank reports (a barrier); rank 0 writes best.pt on improvement and attaches the
     state as a Ray checkpoint when `save`."""
@@ -292,7 +274,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     config: run_config (RunConfig), stage (1 or 2), init_checkpoint (ray.train.Checkpoint of the
     previous stage's end, or None), tracking_uri and mlflow_run_id (or None), threads, use_gpu,
-    fault_injection (see RayOptions).
+    epoch_callbacks (callables `f(record, rank)` run on every rank after each epoch, before the
+    epoch is logged and reported; see train_driver_fn).
     """
     import ray.train
     import ray.train.torch
@@ -304,6 +287,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(int(config.get("threads", 1)))
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     configure_device(device)
+    if device.type == "cpu":
+        keep_freed_memory()   # process-wide allocator setting for CPU steps (see its docstring)
 
     trainer = RankTrainer(cfg, data=_load_worker_data(cfg, device), device=device,
                           progress=False, rank=rank, world_size=world_size)
@@ -311,13 +296,13 @@ def train_loop_per_worker(config: dict) -> None:
     epochs = schedule.stage_epochs(s.variant, stage, s.switch_epoch, s.max_epochs)
     source = ray.train.get_checkpoint() or config.get("init_checkpoint")
     if source is not None:
-        trainer.load_state_dict(_read_state(source, device))
+        trainer.load_state_dict(_read_state(source, device), f"{source.path}/{STATE_FILE}")
     if not epochs.start <= trainer.epoch <= epochs.stop:
         raise RuntimeError(f"stage {stage} runs epochs {epochs.start}..{epochs.stop - 1} but its "
                            f"starting checkpoint ends at epoch {trainer.epoch - 1}")
     tracker = tracking.attach(config.get("tracking_uri"), config.get("mlflow_run_id"),
                               active=rank == 0)
-    faults = config.get("fault_injection", ())
+    epoch_callbacks: Sequence[EpochCallback] = config.get("epoch_callbacks") or ()
     remaining = range(trainer.epoch, epochs.stop)
     if not remaining or trainer.should_stop():
         return
@@ -327,7 +312,8 @@ def train_loop_per_worker(config: dict) -> None:
     tracker.log_metrics({"start_epoch": remaining.start}, step=remaining.start)
     for epoch in remaining:
         record = trainer.run_epoch(epoch)
-        _maybe_fail(faults, rank, epoch)
+        for callback in epoch_callbacks:
+            callback(record, rank)
         tracker.log_epoch(record)
         stop = trainer.should_stop()
         last = epoch == epochs.stop - 1 or stop
@@ -348,14 +334,17 @@ def stage_jobs(cfg: RunConfig) -> list[tuple[int, range]]:
 
 
 def _storage(cfg: RunConfig, endpoint: str | None) -> tuple[str, Any]:
-    return pyarrow_filesystem(run_dir(cfg), endpoint)
+    return open_store(run_dir(cfg), endpoint).arrow_filesystem()
 
 
 def run_stage(cfg: RunConfig, options: RayOptions, stage: int, init_checkpoint=None,
-              tracker: tracking.Tracker | None = None, callbacks: list | None = None):
+              tracker: tracking.Tracker | None = None, callbacks: list | None = None,
+              epoch_callbacks: Sequence[EpochCallback] = ()):
     """Fit the TorchTrainer of one stage (Ray run `stage_<k>` under the run's location).
     Resumes that Ray run if it exists. `callbacks`: ray.train.UserCallback objects (e.g. Tune's
-    TuneReportCallback). Returns ray.train.Result; raises if training failed."""
+    TuneReportCallback); `epoch_callbacks`: see train_loop_per_worker. `cfg` must hold
+    driver-resolved locations (resolve_locations). Returns ray.train.Result; raises if training
+    failed."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -371,13 +360,15 @@ def run_stage(cfg: RunConfig, options: RayOptions, stage: int, init_checkpoint=N
             "run_config": cfg, "stage": stage, "init_checkpoint": init_checkpoint,
             "tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
             "threads": options.torch_threads, "use_gpu": options.use_gpu,
-            "fault_injection": options.fault_injection},
+            "epoch_callbacks": list(epoch_callbacks)},
         scaling_config=ray.train.ScalingConfig(num_workers=options.num_workers,
                                                use_gpu=options.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=f"stage_{stage}", storage_path=storage_path, storage_filesystem=filesystem,
-            callbacks=callbacks,
+            callbacks=callbacks, worker_runtime_env=WORKER_ENV,
+            # Train's own INFO lines (worker-group starts, reports) stay in Ray's log files.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=options.keep_checkpoints)))
     return trainer.fit()
@@ -385,9 +376,13 @@ def run_stage(cfg: RunConfig, options: RayOptions, stage: int, init_checkpoint=N
 
 def resolve_locations(cfg: RunConfig) -> RunConfig:
     """The config as workers need it, resolved on the driver: AWS_ENDPOINT_URL made explicit
-    (workers then need no environment for it) and a local dataset path made absolute (Ray
-    workers run in their own working directory)."""
+    (workers then need no environment for it), and a local dataset path and checkpoint root made
+    absolute (Ray workers run in their own working directory, so rank 0 would write best.pt
+    relative to that)."""
     updates = {}
+    root = absolute_location(cfg.checkpoint.root)
+    if root != cfg.checkpoint.root:
+        updates["checkpoint.root"] = root
     endpoint = resolve_endpoint(cfg.data.endpoint_url or None)
     if endpoint and endpoint != cfg.data.endpoint_url:
         updates["data.endpoint_url"] = endpoint
@@ -402,13 +397,16 @@ def _stage_checkpoint(marker: dict, filesystem):
     return ray.train.Checkpoint(marker["checkpoint"], filesystem=filesystem)
 
 
-def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None) -> dict:
+def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None,
+                    epoch_callbacks: Sequence[EpochCallback] = ()) -> dict:
     """Train one run on Ray: every stage as its own DDP job, in order, then evaluate.
 
     `config`: see split_config (dotted config keys over a preset, or a run_config, plus RayOptions
     keys; `parent_run_id` nests the MLflow run under a sweep's run). The run's `name` decides its
     location, so distinct runs (Tune trials) need distinct names. `callbacks` go to every stage's
-    TorchTrainer (ray.train.UserCallback, e.g. TuneReportCallback). Starts a local Ray with
+    TorchTrainer (ray.train.UserCallback, e.g. TuneReportCallback); `epoch_callbacks` run on
+    every worker after each epoch as `f(record, rank)` (picklable; monitoring, custom logging;
+    an exception there fails the worker like any training error). Starts a local Ray with
     runtime_env() unless Ray is initialised. Returns the summary: run_dir, best_checkpoint, last_checkpoint,
     epochs_run, best_epoch, best_val, stopped_early, eval (LDA F1 scores), mlflow_run_id,
     tracking_uri. A finished run returns its stored summary without training.
@@ -436,10 +434,13 @@ def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None) ->
             if store.exists(name):
                 marker = json.loads(store.read_bytes(name))
             else:
-                result = run_stage(cfg, options, stage, previous, tracker, callbacks)
+                result = run_stage(cfg, options, stage, previous, tracker, callbacks,
+                                   epoch_callbacks)
                 marker = {"stage": stage, "checkpoint": result.checkpoint.path,
                           "metrics": _jsonable(result.metrics)}
                 store.write_bytes(name, json.dumps(marker, indent=1).encode())
+                logger.info("%s: stage %d finished at epoch %s%s", cfg.name, stage,
+                            marker["metrics"].get("epoch"), _best_text(marker["metrics"]))
             previous, metrics = _stage_checkpoint(marker, filesystem), marker["metrics"]
         summary = {
             "run_dir": location, "best_checkpoint": f"{location}/best.pt",
@@ -455,6 +456,14 @@ def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None) ->
         raise
     tracker.finish()
     return summary
+
+
+def _best_text(metrics: Mapping[str, Any]) -> str:
+    """", val loss 27.2092 (best 27.1 at epoch 3)" from a stage's last metrics."""
+    text = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+    if int(metrics.get("best_epoch", -1)) >= 0:
+        text += f" (best {metrics['best_val']:.4f} at epoch {metrics['best_epoch']})"
+    return text
 
 
 def _checkpoint_uri(path: str, location: str) -> str:
@@ -474,8 +483,7 @@ def _evaluate_best(cfg: RunConfig, summary: dict, tracker: tracking.Tracker) -> 
     endpoint = cfg.data.endpoint_url or None
     state = checkpoint.load(summary["best_checkpoint"], "cpu", endpoint)
     model = DSAE(cfg.model)
-    model.load_state_dict(state["model"])
-    model.load_snapshot_state_dict(state["snapshot"])
+    checkpoint.restore_model(model, state, summary["best_checkpoint"])
     return tracking.evaluate_and_log(tracker, cfg, model, load_data(cfg.data), summary,
                                      summary["best_checkpoint"], endpoint)
 
@@ -485,6 +493,6 @@ def driver_config(cfg: RunConfig, **options) -> dict:
     return {"run_config": cfg, **options}
 
 
-__all__ = ["RayOptions", "RankTrainer", "BatchShare", "ddp_wrap", "InjectedFault",
+__all__ = ["RayOptions", "RankTrainer", "BatchShare", "ddp_wrap", "WORKER_ENV",
            "split_config", "run_dir", "stage_jobs", "train_loop_per_worker", "run_stage", "train_driver_fn",
            "driver_config", "configure_device", "runtime_env"]

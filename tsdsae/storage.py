@@ -12,24 +12,61 @@ Locations are a local path (or file:// URI) or `s3://bucket/prefix`. For S3 the 
 the `endpoint_url` argument, else the environment (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL), else
 AWS itself; credentials come from boto3's normal chain (environment, profile, instance role) and
 are never printed or logged. Relative names inside a store use "/" and may not contain "..".
+
+Everything after `s3://bucket/` is the key prefix, verbatim (no URL decoding, no query part).
+Characters that URL parsers further down (Ray's storage path, pyarrow, WebDataset's URL opener)
+would cut at or rewrite - '?', '#', '\\' and control characters - are refused with a StorageError,
+so two different URIs never name the same objects.
+
+Two retry policies, one per kind of call (botocore's retry modes; pyarrow's AWS retry strategy for
+the filesystem Ray gets):
+    PROBE     "does this location work at all": short connect timeout, 2 attempts. `check()` uses
+              it, and every S3Store runs it once per process before its first read or write, so
+              a wrong endpoint or a missing bucket surfaces in seconds.
+    TRANSFER  reads and writes once the location is known to work (shards, manifests,
+              checkpoints in the middle of training): botocore's adaptive retries, 10 attempts
+              with backoff, so a transient S3 failure (a restarted server, throttling, a reset
+              connection) is waited out instead of ending a run.
+S3 is reached through boto3 (error codes for the messages below, multipart transfers); Ray's
+storage gets a pyarrow.fs.S3FileSystem built here from the same endpoint and policy
+(`Store.arrow_filesystem`), so the project has one storage module and one set of settings.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import functools
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import urlparse
 
-# Small timeouts and few retries: a wrong endpoint or a missing bucket must surface in seconds,
-# not after botocore's default of minutes of retries.
-CONNECT_TIMEOUT_S = 3
-READ_TIMEOUT_S = 30
-MAX_ATTEMPTS = 2
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Timeouts (seconds) and attempts of one kind of S3 call; `mode` is botocore's retry mode."""
+
+    connect_timeout_s: float
+    read_timeout_s: float
+    max_attempts: int
+    mode: str
+
+
+# Fail fast: a wrong endpoint or a missing bucket must surface in seconds, not after minutes of
+# botocore's retries. Measured against a closed port: StorageError after about 0.1 s.
+PROBE = RetryPolicy(connect_timeout_s=3, read_timeout_s=10, max_attempts=2, mode="standard")
+# Patient: a write that fails mid-run loses the run's progress since the last checkpoint. With
+# 10 attempts botocore's backoff (up to 20 s per wait) rides out a server that is away for about
+# a minute; tests/test_storage.py restarts a server during a write.
+TRANSFER = RetryPolicy(connect_timeout_s=10, read_timeout_s=60, max_attempts=10, mode="adaptive")
+
+# S3 key characters that some URL parser between here and the object store would cut at or
+# rewrite (Ray's storage path, pyarrow URIs, WebDataset's URL opener), plus control characters.
+_UNSUPPORTED_KEY_CHARS = frozenset("?#\\") | frozenset(map(chr, range(32))) | {chr(127)}
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class StorageError(RuntimeError):
@@ -51,11 +88,27 @@ def absolute_location(uri: str) -> str:
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
-    """"s3://bucket/a/b/" -> ("bucket", "a/b"). Raises StorageError on a URI without a bucket."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    """"s3://bucket/a/b/" -> ("bucket", "a/b"): the key prefix is everything after the bucket,
+    verbatim, without leading/trailing "/". Raises StorageError on a URI without a valid bucket
+    name or with characters that are not supported in keys (see the module docstring)."""
+    uri = str(uri)
+    if not uri.startswith("s3://"):
         raise StorageError(f"{uri!r} is not an S3 URI of the form s3://bucket/prefix")
-    return parsed.netloc, parsed.path.strip("/")
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r} has no bucket: use s3://bucket/prefix")
+    bad = sorted({c for c in uri if c in _UNSUPPORTED_KEY_CHARS})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise StorageError(
+            f"{uri!r}: {shown} cannot be used in an S3 location (URL parsers in Ray, pyarrow and "
+            "WebDataset cut or rewrite the key there, so two different prefixes could share "
+            "objects); choose a prefix without them, e.g. letters, digits, '-', '_', '.', '/'")
+    if not _BUCKET.fullmatch(bucket):
+        raise StorageError(
+            f"{uri!r}: {bucket!r} is not a valid S3 bucket name (3-63 characters: lowercase "
+            "letters, digits, '.' and '-', starting and ending with a letter or digit)")
+    return bucket, prefix.strip("/")
 
 
 def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
@@ -76,14 +129,14 @@ def _check_rel(rel: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_client(endpoint_url: str | None, pid: int):
+def _cached_client(endpoint_url: str | None, policy: RetryPolicy, pid: int):
     # Keyed by pid too: a boto3 client must not be shared across fork (DataLoader workers).
     import boto3
     from botocore.config import Config
 
     session = boto3.session.Session()
-    config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
-                    retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+    config = Config(connect_timeout=policy.connect_timeout_s, read_timeout=policy.read_timeout_s,
+                    retries={"max_attempts": policy.max_attempts, "mode": policy.mode},
                     max_pool_connections=32,
                     # Custom endpoints (MinIO, moto, Ceph) rarely serve virtual-host bucket names.
                     s3={"addressing_style": "path"} if endpoint_url else None)
@@ -91,9 +144,9 @@ def _cached_client(endpoint_url: str | None, pid: int):
                           region_name=session.region_name or "us-east-1")
 
 
-def s3_client(endpoint_url: str | None = None):
-    """A boto3 S3 client with short timeouts for `endpoint_url` (resolved as in resolve_endpoint)."""
-    return _cached_client(resolve_endpoint(endpoint_url), os.getpid())
+def s3_client(endpoint_url: str | None = None, policy: RetryPolicy = TRANSFER):
+    """A boto3 S3 client for `endpoint_url` (resolved as in resolve_endpoint) with `policy`."""
+    return _cached_client(resolve_endpoint(endpoint_url), policy, os.getpid())
 
 
 class Store(abc.ABC):
@@ -145,6 +198,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def check(self, create: bool = False) -> "Store":
         """Fail fast with a StorageError if the location cannot be used (and create it if asked)."""
+
+    @abc.abstractmethod
+    def arrow_filesystem(self) -> tuple[str, object]:
+        """(path, pyarrow filesystem or None) of this location, for Ray's `storage_path` /
+        `storage_filesystem` (and ray.train.Checkpoint)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
@@ -256,9 +314,19 @@ class LocalStore(Store):
                                "another path")
         return self
 
+    def arrow_filesystem(self) -> tuple[str, None]:
+        """(absolute path, None): Ray uses its local filesystem."""
+        return self.uri, None
+
 
 class S3Store(Store):
-    """An S3 prefix `s3://bucket/prefix` reached through boto3 (any S3-compatible endpoint)."""
+    """An S3 prefix `s3://bucket/prefix` reached through boto3 (any S3-compatible endpoint).
+
+    The first read or write in a process probes the bucket with the PROBE policy (seconds to a
+    clear StorageError); reads and writes use the TRANSFER policy (see the module docstring).
+    """
+
+    _probed: set = set()         # (endpoint, bucket, pid) that answered a probe
 
     def __init__(self, uri: str, endpoint_url: str | None = None):
         self.bucket, self.prefix = split_s3_uri(uri)
@@ -267,7 +335,10 @@ class S3Store(Store):
 
     @property
     def client(self):
-        return s3_client(self.endpoint_url)
+        """The TRANSFER-policy client, after this process's first successful probe."""
+        if (self.endpoint_url, self.bucket, os.getpid()) not in S3Store._probed:
+            self.check()
+        return s3_client(self.endpoint_url, TRANSFER)
 
     def _key(self, rel: str) -> str:
         rel = _check_rel(rel)
@@ -367,8 +438,29 @@ class S3Store(Store):
     def check(self, create: bool = False) -> "S3Store":
         # `create` does not create buckets: that is an account-level decision left to the user.
         with self._errors("access"):
-            self.client.head_bucket(Bucket=self.bucket)
+            s3_client(self.endpoint_url, PROBE).head_bucket(Bucket=self.bucket)
+        S3Store._probed.add((self.endpoint_url, self.bucket, os.getpid()))
         return self
+
+    def arrow_filesystem(self):
+        """("bucket/prefix", pyarrow.fs.S3FileSystem): with an explicit filesystem Ray wants the
+        path without "s3://". Same endpoint as this store, TRANSFER's timeouts and attempts."""
+        import pyarrow.fs
+
+        kwargs: dict = {"connect_timeout": TRANSFER.connect_timeout_s,
+                        "request_timeout": TRANSFER.read_timeout_s,
+                        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(
+                            max_attempts=TRANSFER.max_attempts)}
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if self.endpoint_url:
+            parsed = urlparse(self.endpoint_url)
+            kwargs.update(endpoint_override=parsed.netloc or parsed.path,
+                          scheme=parsed.scheme or "https", region=region or "us-east-1")
+        elif region:
+            kwargs["region"] = region
+        # Credentials: pyarrow's AWS SDK reads the same chain as boto3 (env, profile, role).
+        fs = pyarrow.fs.S3FileSystem(**kwargs)
+        return (f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket), fs
 
 
 def open_store(uri: str | os.PathLike, endpoint_url: str | None = None) -> Store:
@@ -382,26 +474,6 @@ def open_store(uri: str | os.PathLike, endpoint_url: str | None = None) -> Store
 
 
 def pyarrow_filesystem(uri: str | os.PathLike, endpoint_url: str | None = None):
-    """(path, filesystem) for Ray's `storage_path` / `storage_filesystem`.
-
-    Local: (absolute path, None). S3: ("bucket/prefix", pyarrow.fs.S3FileSystem) with the endpoint
-    applied: with an explicit filesystem Ray wants the path without "s3://".
-    """
-    uri = str(uri)
-    if not is_s3_uri(uri):
-        return open_store(uri).uri, None
-    import pyarrow.fs
-
-    bucket, prefix = split_s3_uri(uri)
-    endpoint = resolve_endpoint(endpoint_url)
-    kwargs: dict = {"connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": READ_TIMEOUT_S}
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https",
-                      region=region or "us-east-1")
-    elif region:
-        kwargs["region"] = region
-    # Credentials: pyarrow's AWS SDK reads the same chain as boto3 (env, profile, role).
-    fs = pyarrow.fs.S3FileSystem(**kwargs)
-    return (f"{bucket}/{prefix}" if prefix else bucket), fs
+    """(path, filesystem) for Ray's `storage_path` / `storage_filesystem`: see
+    Store.arrow_filesystem. Local: (absolute path, None)."""
+    return open_store(uri, endpoint_url).arrow_filesystem()

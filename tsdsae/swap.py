@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tsdsae.cli import cli_main
 from tsdsae.features import LOG_EPS
 from tsdsae.inference import (DEFAULT_SECONDS, AudioError, Clip, InferenceModel, load,
                               read_clip, write_wav)
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> int:
     from tsdsae.data import ShardError
     from tsdsae.storage import StorageError

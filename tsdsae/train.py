@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
+from tsdsae.cli import UsageError, cli_main
 from tsdsae.config import PRESETS, VARIANTS, apply_overrides
 
 
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker-group restarts per stage before the run fails (default 3)")
     ray.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a "
                      "local Ray started here)")
+    ray.add_argument("--ray-logs", action="store_true",
+                     help="also show the output of Ray's workers here (default: it stays in "
+                          "Ray's log files, /tmp/ray/session_latest/logs)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return p
 
@@ -64,52 +69,73 @@ def config_from_args(args):
     return apply_overrides(cfg, args.overrides)
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    options = None
+    if args.num_workers is not None:
+        from tsdsae.ray_train import driver_config, split_config
+        options = driver_config(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                cpus_per_worker=args.cpus_per_worker,
+                                max_failures=args.max_failures, evaluate=not args.no_eval)
+        split_config(options)                            # bad values: exit 2 before Ray starts
+    require_splits(cfg)
     try:
-        cfg = config_from_args(args)
-        if args.num_workers is not None:
-            from tsdsae.ray_train import driver_config, split_config
-            options = driver_config(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                                    cpus_per_worker=args.cpus_per_worker,
-                                    max_failures=args.max_failures, evaluate=not args.no_eval)
-            split_config(options)                        # bad values: exit 2 before Ray starts
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        if args.num_workers is not None:
+        if options is not None:
             summary = _train_on_ray(cfg, options, args)
         else:
             summary = _train_here(cfg, args)
-    except CliError as exc:
+    except TrainingFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.code
+        return 1
     print(json.dumps(summary))
     return 0
 
 
-class CliError(Exception):
-    """A failure with a message for the user and the exit status to return."""
+class TrainingFailed(Exception):
+    """Training stopped after its retries; its checkpoints are kept (exit status 1)."""
 
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
+
+TRAINING_SPLITS = ("train", "val")
+
+
+def require_splits(cfg) -> None:
+    """Refuse, in one line, a dataset without a non-empty train or val split (before anything
+    starts). Raises UsageError naming the dataset, the split and how to make it."""
+    if cfg.data.uri == "toy":
+        return
+    from tsdsae.data import load_manifest
+
+    splits = load_manifest(cfg.data.uri, cfg.data.endpoint_url or None).get("splits", {})
+    for split in TRAINING_SPLITS:
+        if int(splits.get(split, {}).get("num_samples", 0)) == 0:
+            have = {k: int(v.get("num_samples", 0)) for k, v in splits.items()}
+            raise UsageError(
+                f"dataset {cfg.data.uri} has no clips in its {split!r} split (it has {have}); "
+                "training needs 'train' and 'val': prepare it again with a larger "
+                f"{split} fraction (e.g. --fractions 0.8,0.2,0.0) or more audio per label")
 
 
 def _train_here(cfg, args) -> dict:
     """Single process: tsdsae.trainer.Trainer, with the tracker as its epoch callback."""
     from tsdsae import tracking
     from tsdsae.ray_train import configure_device
+    from tsdsae.train_step import keep_freed_memory
     from tsdsae.trainer import Trainer
 
     trainer = Trainer(cfg, progress=not args.quiet)
     configure_device(trainer.device)
+    if trainer.device.type == "cpu":
+        keep_freed_memory()   # process-wide allocator setting for CPU steps (see its docstring)
+    if not args.no_resume:
+        # A last.pt that does not fit is refused before the MLflow run is touched.
+        trainer.resume()
     tracker = tracking.start_run(cfg, tracking.run_key(trainer.run_dir), resume=not args.no_resume,
                                  tags={"tsdsae.run_dir": trainer.run_dir})
     trainer.callbacks.append(tracker)
     try:
-        result = trainer.fit(resume=not args.no_resume)
+        result = trainer.fit(resume=False)          # resumed above
         summary = {k: result[k] for k in ("epochs_run", "stopped_early", "best_epoch", "best_val",
                                           "best_checkpoint")}
         if not args.no_eval:
@@ -125,6 +151,15 @@ def _train_here(cfg, args) -> dict:
     return summary
 
 
+def ray_log_dir() -> str:
+    """The log folder of the Ray session this process is connected to (on the head node)."""
+    try:
+        import ray._private.worker as ray_worker
+        return ray_worker._global_node.get_logs_dir_path()
+    except Exception:   # noqa: BLE001 - only a hint for the reader; Ray's default otherwise
+        return "/tmp/ray/session_latest/logs"
+
+
 def _train_on_ray(cfg, options: dict, args) -> dict:
     """Every stage as a Ray Train DDP job (tsdsae.ray_train.train_driver_fn)."""
     import ray
@@ -136,16 +171,26 @@ def _train_on_ray(cfg, options: dict, args) -> dict:
     location = run_dir(cfg)
     store = open_store(location, cfg.data.endpoint_url or None)
     if args.no_resume and store.list():
-        raise CliError(f"{location} already holds a run; --no-resume with Ray needs a new "
-                       "--name (or delete that run)", 2)
+        raise UsageError(f"{location} already holds a run; --no-resume with Ray needs a new "
+                         "--name (or delete that run)")
     if not ray.is_initialized() and not store.exists("result.json"):   # finished: no Ray needed
-        ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=not args.quiet)
+        # The console shows this run's lines; what Ray's processes print stays in Ray's log
+        # files unless --ray-logs.
+        ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=args.ray_logs,
+                 logging_level=logging.WARNING)
+        print(f"Ray's logs (workers, Train controller): {ray_log_dir()}", file=sys.stderr,
+              flush=True)
+    if not args.quiet:    # one line per finished stage (tsdsae.ray_train's driver)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("tsdsae").addHandler(handler)
+        logging.getLogger("tsdsae").setLevel(logging.INFO)
     try:
         summary = train_driver_fn(options)
     except ray.train.TrainingFailedError as exc:
-        raise CliError(f"training failed after its retries ({type(exc).__name__}: "
-                       f"{str(exc).strip().splitlines()[-1]}); checkpoints are in {location}: "
-                       "rerun the same command to resume", 1) from None
+        raise TrainingFailed(f"training failed after its retries ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[-1]}); checkpoints are in "
+                             f"{location}: rerun the same command to resume") from None
     print(f"results: checkpoints in {summary['run_dir']} (best: {summary['best_checkpoint']})"
           + (f"; MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']}"
              if summary.get("mlflow_run_id") else ""))

@@ -30,7 +30,7 @@ from tsdsae.dataset import Dataset, Split
 from tsdsae.model import fast_cpu
 from tsdsae.model.dsae import DSAE
 from tsdsae.model.layers import normal
-from tsdsae.train_step import build_optimizer, eval_step, keep_freed_memory, train_step
+from tsdsae.train_step import build_optimizer, eval_step, train_step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,6 +78,10 @@ def batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
             if len(part)]
 
 
+RESUME_FIX = ("this run's name holds a checkpoint of another configuration: start fresh with "
+              "--no-resume, or choose another --name")
+
+
 class PriorCache:
     """q_snapshot(v | x) for every clip of a split, computed once at the switch: the snapshot is
     frozen and the inputs are fixed, so its posterior per clip never changes. loc/logvar (N, V)."""
@@ -106,8 +110,6 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.device = resolve_device(cfg.device) if device is None else torch.device(device)
-        if self.device.type == "cpu":
-            keep_freed_memory()     # activations reused from the heap (train_step)
         self.data = data if data is not None else load_data(cfg.data)
         self.train_split = self.data["train"].to(self.device)
         self.val_split = self.data["val"].to(self.device)
@@ -153,11 +155,16 @@ class Trainer:
             "history": list(self.history),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.model.load_snapshot_state_dict(state["snapshot"])
+    def load_state_dict(self, state: dict, source: str = "the checkpoint",
+                        fix: str = "") -> None:
+        """Continue from a checkpoint dict. Raises checkpoint.CheckpointError naming `source`,
+        the mismatching weights and `fix` when it does not fit this run's configuration."""
+        checkpoint.restore_model(self.model, state, source, fix)
         self.model.to(self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise checkpoint.mismatch_error(source, [f"optimiser state: {exc}"], fix) from None
         checkpoint.set_rng_state(state["rng"])
         self.early = dict(state["early"])
         self.history = list(state["history"])
@@ -166,10 +173,12 @@ class Trainer:
         self._build_prior_cache()
 
     def resume(self) -> bool:
-        """Load the run's last checkpoint if there is one. True when resumed."""
+        """Load the run's last checkpoint if there is one. True when resumed. Raises
+        checkpoint.CheckpointError when it does not fit this run's configuration."""
         if not checkpoint.exists(self.last_uri, self.endpoint):
             return False
-        self.load_state_dict(checkpoint.load(self.last_uri, self.device, self.endpoint))
+        self.load_state_dict(checkpoint.load(self.last_uri, self.device, self.endpoint),
+                             self.last_uri, RESUME_FIX)
         return True
 
     def save(self, uri: str) -> str:
@@ -272,34 +281,34 @@ class Trainer:
         stage_end = s.variant != "dsae" and epoch == s.switch_epoch - 1
         return (epoch + 1) % self.cfg.checkpoint.every == 0 or stage_end
 
-    def fit(self, resume: bool = True, stop_after: int | None = None) -> dict:
-        """Train until max_epochs or early stopping. `stop_after` ends the process-equivalent
-        of an interruption after that many epochs of this call (used to test resuming)."""
+    def fit(self, resume: bool = True) -> dict:
+        """Train until max_epochs or early stopping. Each epoch's record goes to `callbacks`
+        after the epoch's checkpoints are written; an exception raised by a callback ends the
+        fit there (as an interruption would) and a later fit resumes from the last checkpoint."""
         s = self.cfg.schedule
         if resume:
             self.resume()
         bar = tqdm(total=s.max_epochs, initial=self.epoch, disable=not self.progress,
                    desc=f"{self.cfg.name} [{s.variant}]", unit="epoch", dynamic_ncols=True)
-        ran = 0
         stopped_early = self.should_stop()
-        while self.epoch < s.max_epochs and not stopped_early:
-            record = self.run_epoch(self.epoch)
-            if record["improved"]:
-                self.save(self.best_uri)
-            stopped_early = self.should_stop()
-            if self.checkpoint_due(record["epoch"]) or stopped_early or self.epoch == s.max_epochs:
-                self.save(self.last_uri)
-            for cb in self.callbacks:
-                cb(record)
-            bar.update(1)
-            bar.set_postfix(stage=record["stage"], loss=f"{record['train_loss']:.4f}",
-                            recon=f"{record['train_recon']:.4f}",
-                            kl_z=f"{record['train_kl_z']:.4f}", kl_v=f"{record['train_kl_v']:.4f}",
-                            val=f"{record['val_loss']:.4f}")
-            ran += 1
-            if stop_after is not None and ran >= stop_after:
-                break
-        bar.close()
+        try:
+            while self.epoch < s.max_epochs and not stopped_early:
+                record = self.run_epoch(self.epoch)
+                if record["improved"]:
+                    self.save(self.best_uri)
+                stopped_early = self.should_stop()
+                last = stopped_early or self.epoch == s.max_epochs
+                if self.checkpoint_due(record["epoch"]) or last:
+                    self.save(self.last_uri)
+                for cb in self.callbacks:
+                    cb(record)
+                bar.update(1)
+                bar.set_postfix(stage=record["stage"], loss=f"{record['train_loss']:.4f}",
+                                recon=f"{record['train_recon']:.4f}",
+                                kl_z=f"{record['train_kl_z']:.4f}",
+                                kl_v=f"{record['train_kl_v']:.4f}", val=f"{record['val_loss']:.4f}")
+        finally:
+            bar.close()
         return {"epochs_run": self.epoch, "stopped_early": stopped_early,
                 "best_val": self.early["best_val"], "best_epoch": self.early["best_epoch"],
                 "best_checkpoint": self.best_uri, "last_checkpoint": self.last_uri,
@@ -308,7 +317,6 @@ class Trainer:
     def best_model(self) -> DSAE:
         """A fresh model holding the best-validation weights (what gets evaluated)."""
         state = checkpoint.load(self.best_uri, self.device, self.endpoint)
-        model = DSAE(self.cfg.model).to(self.device)
-        model.load_state_dict(state["model"])
-        model.load_snapshot_state_dict(state["snapshot"])
+        model = DSAE(self.cfg.model)
+        checkpoint.restore_model(model, state, self.best_uri)
         return model.to(self.device)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ if str(ROOT) not in sys.path:          # run as a script from a checkout or a jo
     sys.path.insert(0, str(ROOT))
 
 from tsdsae import tracking  # noqa: E402
+from tsdsae.cli import UsageError, cli_main  # noqa: E402
 from tsdsae.config import PRESETS, apply_overrides  # noqa: E402
 from tsdsae.storage import absolute_location, open_store  # noqa: E402
 from tune.grid import (SHARED_STAGE_1, VARIANT_KEY, load_grid, narrow, parse_only,  # noqa: E402
@@ -187,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep of the same --name (Tuner.restore)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--ray-logs", action="store_true",
+                   help="also show the output of Ray's workers here (default: it stays in Ray's "
+                        "log files, /tmp/ray/session_latest/logs)")
     return p
 
 
@@ -204,7 +209,7 @@ def _sweep_settings(args) -> tuple[Any, list[str]]:
     datasets = ([d if d == "toy" else absolute_location(d) for d in args.data]
                 or (["toy"] if args.smoke_test else []))
     if not datasets:
-        raise SystemExit("error: give at least one --data URI (or --smoke-test for the toy data)")
+        raise UsageError("give at least one --data URI (or --smoke-test for the toy data)")
     return grid, datasets
 
 
@@ -224,6 +229,7 @@ def run_sweep(args) -> dict:
     from ray import tune
 
     from tsdsae.ray_train import runtime_env
+    from tsdsae.train import ray_log_dir
     from tune.report import (log_report, rows_from_mlflow, scored_split, summarise, verdict,
                              write_report)
     from tune.report_page import write_report_page
@@ -254,9 +260,13 @@ def run_sweep(args) -> dict:
          "coords": g.coords} for g in groups])}
 
     if not ray.is_initialized():
-        ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=True)
-    from tsdsae.storage import pyarrow_filesystem
-    tune_path, filesystem = pyarrow_filesystem(f"{storage.uri}/tune", args.endpoint_url)
+        # The console shows the sweep's own lines and Tune's status table; what Ray's worker
+        # processes print (trial and worker logs, Ray's own warnings) stays in Ray's log files
+        # unless --ray-logs.
+        ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=args.ray_logs,
+                 logging_level=logging.WARNING)
+    print(f"Ray's logs (workers, trials, Train controller): {ray_log_dir()}", flush=True)
+    tune_path, filesystem = open_store(f"{storage.uri}/tune", args.endpoint_url).arrow_filesystem()
     trainable = tune.with_resources(trial_fn, {"cpu": 0.01})
     experiment_path = f"{tune_path.rstrip('/')}/{name}"
     try:
@@ -274,6 +284,7 @@ def run_sweep(args) -> dict:
                     trial_name_creator=lambda t: f"{name}-{t.config['group']['key']}"),
                 run_config=tune.RunConfig(name=name, storage_path=tune_path,
                                           storage_filesystem=filesystem,
+                                          verbose=1,   # Tune's status table, no per-result lines
                                           failure_config=tune.FailureConfig(max_failures=1)))
         results = tuner.fit()
     except BaseException as exc:
@@ -334,14 +345,11 @@ def final_screen(out: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.time()
-    try:
-        out = run_sweep(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = run_sweep(args)
     print(final_screen(out, time.time() - t0), flush=True)
     return 1 if out["errors"] else 0
 

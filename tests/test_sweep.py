@@ -301,6 +301,8 @@ def test_sweep_experiment_opens_in_the_runs_view_with_descriptions(smoke, mlflow
     assert "| TS-DSAE |" in note and "report/report.html" in note
     files = {f.path for f in client.list_artifacts(out["parent_run_id"], "report")}
     assert "report/report.html" in files and "report/report_files" in files
+    line = sweep_mod.ProgressPrinter(mlflow_server.uri, out["parent_run_id"]).line()
+    assert line.count(" done") == 5 and "stage 1 (shared)" in line and "ts_dsae" in line
     screen = sweep_mod.final_screen(out, 60.0)
     assert f"#/experiments/{exp.experiment_id}/runs" in screen
     assert str(out["report"]["report_html"]) in screen and "Model training" in screen

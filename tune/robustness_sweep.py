@@ -189,10 +189,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep of the same --name (Tuner.restore)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
+                   help="print the runs' epochs so far this often (default 60)")
     p.add_argument("--ray-logs", action="store_true",
                    help="also show the output of Ray's workers here (default: it stays in Ray's "
                         "log files, /tmp/ray/session_latest/logs)")
     return p
+
+
+class ProgressPrinter:
+    """Prints one line about the sweep's runs every `every` seconds while Tune runs: each child
+    run's epochs so far out of its stage's budget (read from the per-epoch metrics the runs log
+    to MLflow), so the console shows training progress while worker output stays in Ray's logs.
+    """
+
+    def __init__(self, tracking_uri: str, parent_run_id: str, every: float = 60.0):
+        import threading
+
+        self.uri, self.parent, self.every = tracking_uri, parent_run_id, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="sweep-progress", daemon=True)
+        self.t0 = time.time()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                line = self.line()
+            except Exception:   # noqa: BLE001 - progress is a courtesy; never fail the sweep
+                continue
+            if line:
+                print(line, flush=True)
+
+    def line(self) -> str:
+        """'[12.5 min] stage-1 (shared) 60/100 | dsae 80/125 | ts_dsae done' or ''."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        exp = client.get_run(self.parent).info.experiment_id
+        runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{self.parent}'")
+        parts = []
+        for run in sorted(runs, key=lambda r: r.info.run_name or ""):
+            p, tags = run.data.params, run.data.tags
+            shared = tags.get(ROLE_TAG) == "shared_stage_1"
+            name = "stage 1 (shared)" if shared else tags.get(f"grid.{VARIANT_KEY}", "?")
+            z = tags.get("grid.model.z_dim")
+            seed = tags.get("grid.seed")
+            label = name + (f" z{z}" if z else "") + (f" s{seed}" if seed else "")
+            if run.info.status == "FINISHED":
+                parts.append(f"{label} done")
+                continue
+            if run.info.status != "RUNNING" or "schedule.max_epochs" not in p:
+                continue
+            total, switch = int(p["schedule.max_epochs"]), int(p.get("schedule.switch_epoch", 0))
+            if shared:
+                total = switch
+            elif tags.get("tsdsae.shared_stage_1") == "True":
+                total -= switch                  # a forked stage 2 logs its own epochs only
+            epochs = len(client.get_metric_history(run.info.run_id, "stage"))
+            parts.append(f"{label} {epochs}/{total} epochs")
+        if not parts:
+            return ""
+        return f"[{(time.time() - self.t0) / 60:.1f} min] " + " | ".join(parts)
 
 
 def _sweep_settings(args) -> tuple[Any, list[str]]:
@@ -286,7 +351,8 @@ def run_sweep(args) -> dict:
                                           storage_filesystem=filesystem,
                                           verbose=1,   # Tune's status table, no per-result lines
                                           failure_config=tune.FailureConfig(max_failures=1)))
-        results = tuner.fit()
+        with ProgressPrinter(tracking_uri, parent.run_id, every=args.progress_every):
+            results = tuner.fit()
     except BaseException as exc:
         parent.fail(exc)
         raise

@@ -59,3 +59,23 @@ def test_keys_checked_together_can_change_together():
     cfg = apply_overrides(paper(), {"schedule.switch_epoch": 5000, "schedule.max_epochs": 9000})
     assert (cfg.schedule.switch_epoch, cfg.schedule.max_epochs) == (5000, 9000)
     assert from_flat(to_flat(cfg)) == cfg
+
+
+def test_evaluation_settings_are_their_own_section_and_default_to_test():
+    cfg = paper()
+    assert (cfg.eval.split, cfg.eval.pitch, cfg.eval.crepe_model, cfg.eval.pitch_clips) == (
+        "test", True, "full", 32)
+    # independent of tracking: switching tracking off leaves the evaluation as it is
+    off = apply_overrides(cfg, ["tracking.enabled=false"])
+    assert off.eval == cfg.eval
+    flat = to_flat(cfg)
+    assert flat["eval.split"] == "test" and "data.eval_split" not in flat
+    assert not any(k.startswith("tracking.") and "pitch" in k for k in flat)
+    assert apply_overrides(cfg, ["eval.split=val"]).eval.split == "val"
+    with pytest.raises(ValueError, match="eval.split='dev'.*test"):
+        apply_overrides(cfg, ["eval.split=dev"])
+    with pytest.raises(ValueError, match="eval.crepe_model"):
+        apply_overrides(cfg, ["eval.crepe_model=huge"])
+    for old in ("data.eval_split=val", "tracking.pitch=false"):     # the keys moved to eval.*
+        with pytest.raises(ValueError, match="unknown config key"):
+            apply_overrides(cfg, [old])

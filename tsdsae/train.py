@@ -74,6 +74,9 @@ def main(argv=None) -> int:
                                     cpus_per_worker=args.cpus_per_worker,
                                     max_failures=args.max_failures, evaluate=not args.no_eval)
             split_config(options)                        # bad values: exit 2 before Ray starts
+        if not args.no_eval:
+            from tsdsae.evaluate import check_eval_split
+            check_eval_split(cfg)               # no eval.split in the dataset: exit 2 now
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

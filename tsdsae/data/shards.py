@@ -58,9 +58,11 @@ def decode_npy(data: bytes) -> np.ndarray:
     """A .npy member -> a writable array, by np.load(allow_pickle=False): object arrays are
     refused. Raises ValueError on a malformed or truncated member.
 
-    numpy's own parser is used: on the training path (load_dataset of 480 real (251, 80) float32
-    samples) it costs about 21 us per sample, under 0.1 s for a 3,600-clip dataset, where a
-    hand-written header parser saved about 16 us per sample.
+    numpy's own parser is used. Measured (2-core machine under load, 480 rendered dMelodies
+    clips of (251, 80) float32): np.load 49 us per member against 13 us for a hand-written
+    header parser, i.e. about 0.13 s per load of a 3,600-clip dataset; the whole load_dataset
+    (tar, sha256, decode, stack) took 0.31 / 0.33 s with np.load and 0.28 / 0.51 s with the
+    parser (medians of 3, two rounds): within the machine's noise, once per run and stage.
     """
     return np.load(io.BytesIO(data), allow_pickle=False)
 

@@ -13,16 +13,16 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from tsdsae import audio as shared_audio
 from tsdsae import features
 
-# A peak below this (-80 dBFS) counts as silence: nothing to learn, and peak normalisation would
-# only amplify noise.
-SILENCE_PEAK = 1e-4
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+# The peak amplitude of the project's one "too quiet to use" level (tsdsae.audio.QUIET_DBFS).
+SILENCE_PEAK = 10 ** (shared_audio.QUIET_DBFS / 20)
 
 SOUNDFONT_ENV = "TSDSAE_SOUNDFONT"
 # Debian's musescore-general-soundfont package; the .sf3 names are links to the Full/Lite file.
@@ -177,6 +177,18 @@ def render_clips(clips: list[Clip], soundfont: str | os.PathLike | None = None,
 # --- reading arbitrary audio files ----------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def soundfile_extensions() -> frozenset[str]:
+    """File extensions (lower case, with the dot) of the formats the installed soundfile names.
+
+    Only used to tell "a broken audio file" from "not an audio file" in reports: files are
+    accepted by what libsndfile can decode (their content), whatever their extension.
+    """
+    import soundfile as sf
+
+    return frozenset("." + name.lower() for name in sf.available_formats())
+
+
 @dataclasses.dataclass
 class LoadedAudio:
     """A cleaned file: mono float32 at 16 kHz plus the fixes applied (report tags)."""
@@ -184,16 +196,18 @@ class LoadedAudio:
     audio: np.ndarray
     source_rate: int
     fixes: list[str]
+    channels: int = 1
 
 
 def load_audio_file(path: str | os.PathLike) -> LoadedAudio:
-    """Read any wav/flac/ogg (any sample format, rate, channel count) -> mono 16 kHz float32.
+    """Read any file libsndfile decodes (any sample format, rate, channel count) -> mono 16 kHz.
 
-    Fixes what can be fixed (tags in `fixes`): nonfinite samples replaced by 0, downmix to
-    mono, resampling. Raises BadAudio("unreadable" | "empty" | "silent") otherwise.
+    Nonfinite samples are replaced by 0, then tsdsae.audio.condition removes DC, downmixes
+    (using the louder channel when the channels cancel) and resamples; `fixes` lists what was
+    done. Raises BadAudio("unreadable" | "empty" | "too_quiet") otherwise; "too_quiet" is the
+    project's one rule (tsdsae.audio.too_quiet, a peak below QUIET_DBFS).
     """
     import soundfile as sf
-    import torchaudio
 
     try:
         audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
@@ -205,42 +219,71 @@ def load_audio_file(path: str | os.PathLike) -> LoadedAudio:
     if not np.isfinite(audio).all():
         audio = np.where(np.isfinite(audio), audio, 0.0).astype(np.float32)
         fixes.append("nonfinite_replaced")
-    if audio.shape[1] > 1:
-        fixes.append("downmixed")
-    mono = audio.mean(axis=1)
-    if sr != features.SAMPLE_RATE:
-        mono = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(mono)), sr,
-                                              features.SAMPLE_RATE).numpy()
-        fixes.append("resampled")
+    conditioned = shared_audio.condition(audio.T, sr, features.SAMPLE_RATE)
+    mono = conditioned.audio
     if mono.size == 0:
         raise BadAudio("empty", "no samples after resampling")
-    if float(np.abs(mono).max()) < SILENCE_PEAK:
-        raise BadAudio("silent", f"peak below {SILENCE_PEAK}")
-    return LoadedAudio(np.ascontiguousarray(mono, dtype=np.float32), sr, fixes)
+    if shared_audio.too_quiet(mono):
+        raise BadAudio("too_quiet", shared_audio.quiet_message(mono))
+    return LoadedAudio(mono, int(sr), fixes + conditioned.fixes, int(audio.shape[1]))
 
 
 # --- CREPE ----------------------------------------------------------------------------------------
 
 CREPE_HOP = 160   # 10 ms at 16 kHz
+CREPE_FMIN, CREPE_FMAX = 50.0, 2000.0
 
 
 @torch.no_grad()
-def crepe_confidence(audio: np.ndarray, model: str = "tiny", batch_size: int = 512) -> np.ndarray:
-    """Per-frame CREPE confidence (max pitch-bin activation), 10 ms hop -> (1 + S // 160,) float32.
+def crepe_confidences(clips: Sequence[np.ndarray], model: str = "full", batch_size: int = 1024,
+                      device: str | None = None) -> list[np.ndarray]:
+    """Per-frame CREPE confidence of several mono 16 kHz clips, 10 ms hop, batched across clips.
 
-    Uses torchcrepe's bundled weights ('tiny' or 'full'); nothing is downloaded.
+    Returns one float32 array (1 + S // 160,) per clip: the largest pitch-bin activation between
+    CREPE_FMIN and CREPE_FMAX (CREPE's voicing confidence). Frames of all clips share batches of
+    `batch_size`, so many short clips cost as few network calls as one long one. Runs on
+    `device` (default: the GPU when torch sees one, else the CPU). Uses torchcrepe's bundled
+    weights ('tiny' or 'full'); nothing is downloaded.
     """
     import torchcrepe
 
     if model not in ("tiny", "full"):
         raise ValueError(f"crepe model must be 'tiny' or 'full', got {model!r}")
-    x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
-    # argmax decoding: the periodicity is then the top activation, i.e. CREPE's confidence.
-    _, periodicity = torchcrepe.predict(x, features.SAMPLE_RATE, CREPE_HOP, fmin=50.0,
-                                        fmax=2000.0, model=model, decoder=torchcrepe.decode.argmax,
-                                        return_periodicity=True, batch_size=batch_size,
-                                        device="cpu", pad=True)
-    return periodicity[0].numpy().astype(np.float32)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lo = int(torchcrepe.convert.frequency_to_bins(torch.tensor(CREPE_FMIN)))
+    hi = int(torchcrepe.convert.frequency_to_bins(torch.tensor(CREPE_FMAX), torch.ceil)) + 1
+    parts: list[list[np.ndarray]] = [[] for _ in clips]
+    pending: list[tuple[int, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        probs = torchcrepe.infer(torch.cat([f for _, f in pending]), model=model, device=device)
+        conf = probs[:, lo:hi].amax(dim=1).cpu().numpy().astype(np.float32)
+        start = 0
+        for index, frames in pending:
+            parts[index].append(conf[start:start + len(frames)])
+            start += len(frames)
+        pending.clear()
+
+    waiting = 0
+    for index, clip in enumerate(clips):
+        x = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))[None]
+        for frames in torchcrepe.preprocess(x, features.SAMPLE_RATE, CREPE_HOP, batch_size,
+                                            device, pad=True):
+            pending.append((index, frames))
+            waiting += len(frames)
+            if waiting >= batch_size:
+                flush()
+                waiting = 0
+    flush()
+    return [np.concatenate(p) if p else np.zeros(0, np.float32) for p in parts]
+
+
+def crepe_confidence(audio: np.ndarray, model: str = "full", batch_size: int = 1024,
+                     device: str | None = None) -> np.ndarray:
+    """Per-frame CREPE confidence of one clip -> (1 + S // 160,) float32; see crepe_confidences."""
+    return crepe_confidences([audio], model, batch_size, device)[0]
 
 
 # --- clips to shard payloads ----------------------------------------------------------------------

@@ -9,7 +9,10 @@ each bar (6 onsets among 8 eighths: 28 patterns) and the arpeggio direction of e
 down): 12 * 3 * 3 * 28 * 28 * 2^4 = 1,354,752 melodies. A note lasts until the next onset in its
 bar, or to the bar's end. The paper's configuration (the default) fixes C, octave 4, major and
 keeps bar-1 rhythms that start on the first eighth and bar-2 rhythms with an onset on the last
-eighth: 21 * 21 * 16 = 7,056 melodies; 3,000 of them, half violin, half trumpet, 80/20 train/val.
+eighth: 21 * 21 * 16 = 7,056 melodies; 3,600 of them, half violin, half trumpet, split
+train 2,400 / val 600 / test 600. Train and val have the paper's sizes; the test split is held
+out for reporting, so the checkpoint is chosen on val and scored on test (METHOD s5 warns against
+the reference's use of val for both).
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ SCALES = {
 CHORDS = ((0, 2, 4), (3, 5, 7), (4, 6, 8), (0, 2, 4))
 RHYTHMS = tuple(itertools.combinations(range(8), 6))       # onset eighths of one bar, 28 patterns
 DIRECTIONS = ("up", "down")
+# train / val / test: 2,400 / 600 / 600 of the default 3,600 clips (largest-remainder rounding
+# per instrument in stratified_split makes the counts exact).
+DEFAULT_FRACTIONS = (4 / 6, 1 / 6, 1 / 6)
 FULL_SHAPE = (len(TONICS), len(OCTAVES), len(SCALES), len(RHYTHMS), len(RHYTHMS), 2, 2, 2, 2)
 
 # General MIDI programs (0-based) for a few melodic instruments; any other: name=program.
@@ -175,11 +181,11 @@ def parse_instruments(instruments: Iterable[str]) -> dict[str, int]:
     return out
 
 
-def prepare_dmelodies(output_uri: str, *, n_clips: int = 3000, seed: int = 0,
+def prepare_dmelodies(output_uri: str, *, n_clips: int = 3600, seed: int = 0,
                       instruments: Sequence[str] = ("violin", "trumpet"),
                       tonic: str | None = "C", octave: int | None = 4,
                       scale: str | None = "major", rhythm_filter: bool = True,
-                      qpm: float = 120.0, fractions: Sequence[float] = (0.8, 0.2, 0.0),
+                      qpm: float = 120.0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                       samples_per_shard: int = 256, soundfont: str | None = None,
                       gain: float = 0.5, reverb: bool = False, render_batch: int = 128,
                       workers: int = 2, endpoint_url: str | None = None, overwrite: bool = False,
@@ -258,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         prog="python -m data_prep.dmelodies", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("output", help="output folder or s3://bucket/prefix")
-    p.add_argument("--n-clips", type=int, default=3000)
+    p.add_argument("--n-clips", type=int, default=3600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--instrument", action="append", dest="instruments",
                    help="instrument name or name=GM_PROGRAM; repeat for several "
@@ -269,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--no-rhythm-filter", dest="rhythm_filter", action="store_false",
                    help="keep all 28 x 28 rhythm pairs")
     p.add_argument("--qpm", type=float, default=120.0)
-    p.add_argument("--fractions", default="0.8,0.2,0.0", help="train,val,test")
+    p.add_argument("--fractions", default=None,
+                   help="train,val,test fractions (default: 4/6, 1/6, 1/6, i.e. 2,400 / 600 / 600 "
+                        "of 3,600 clips)")
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.add_argument("--soundfont", default=None,
                    help="soundfont path (default: MuseScore General, found automatically)")
@@ -288,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         instruments=args.instruments or ("violin", "trumpet"), tonic=args.tonic,
         octave=None if args.octave is None else int(args.octave), scale=args.scale,
         rhythm_filter=args.rhythm_filter, qpm=args.qpm,
-        fractions=[float(f) for f in args.fractions.split(",")],
+        fractions=(DEFAULT_FRACTIONS if args.fractions is None
+                   else [float(f) for f in args.fractions.split(",")]),
         samples_per_shard=args.samples_per_shard, soundfont=args.soundfont, gain=args.gain,
         reverb=args.reverb, render_batch=args.render_batch, workers=args.workers,
         endpoint_url=args.endpoint_url, overwrite=args.overwrite,

@@ -88,6 +88,52 @@ def stratified_split(labels: Sequence[str], fractions: Mapping[str, float],
     return {name: [int(i) for i in rng.permutation(ix)] for name, ix in out.items()}
 
 
+def group_counts(n_groups: int, fractions: Sequence[float]) -> list[int]:
+    """How many of `n_groups` groups each split gets: largest-remainder rounding of
+    n_groups * fraction, then one group moved to every split with a positive fraction and none,
+    from the split with the most (while that one keeps at least one)."""
+    exact = np.array([f * n_groups for f in fractions], dtype=float)
+    counts = np.floor(exact).astype(int)
+    for j in np.argsort(-(exact - counts), kind="stable")[: n_groups - counts.sum()]:
+        counts[j] += 1
+    for j, f in enumerate(fractions):
+        if f > 0 and counts[j] == 0:
+            donor = int(np.argmax(counts))
+            if counts[donor] > 1:
+                counts[donor] -= 1
+                counts[j] += 1
+    return [int(c) for c in counts]
+
+
+def grouped_split(labels: Sequence[str], groups: Sequence[str], fractions: Mapping[str, float],
+                  seed: int) -> dict[str, list[int]]:
+    """Indices per split such that all items of one group (e.g. one source recording) share a
+    split; groups are split per label with `group_counts`. Deterministic in (labels, groups,
+    fractions, seed); the order within a split is shuffled.
+
+    Every item of a group must carry the same label (ValueError otherwise).
+    """
+    rng = np.random.default_rng(seed)
+    names = [name for name in SPLITS if name in fractions]
+    label_of: dict[str, str] = {}
+    members: dict[str, list[int]] = {}
+    for i, (label, group) in enumerate(zip(labels, groups)):
+        if label_of.setdefault(group, label) != label:
+            raise ValueError(f"group {group!r} holds items of labels {label_of[group]!r} and "
+                             f"{label!r}")
+        members.setdefault(group, []).append(i)
+    out: dict[str, list[int]] = {name: [] for name in names}
+    for label in sorted(set(label_of.values())):
+        mine = sorted(g for g, lab in label_of.items() if lab == label)
+        order = [mine[k] for k in rng.permutation(len(mine))]
+        start = 0
+        for name, count in zip(names, group_counts(len(order), [fractions[n] for n in names])):
+            for group in order[start:start + count]:
+                out[name] += members[group]
+            start += count
+    return {name: [int(i) for i in rng.permutation(ix)] for name, ix in out.items()}
+
+
 # --- samples and tar files ------------------------------------------------------------------------
 
 

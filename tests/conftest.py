@@ -63,8 +63,9 @@ def s3_server():
             server.stop()
 
 
-# A real, tiny dMelodies dataset: 16 FluidSynth-rendered clips, 4 per shard (3 train + 1 val).
-SMALL_DMELODIES = dict(n_clips=16, seed=3, samples_per_shard=4, fractions=(0.75, 0.25, 0.0),
+# A real, tiny dMelodies dataset: 24 FluidSynth-rendered clips, 4 per shard (train 16 / val 4 /
+# test 4, the default 4:1:1 split: 4 train shards, 1 val, 1 test).
+SMALL_DMELODIES = dict(n_clips=24, seed=3, samples_per_shard=4, fractions=(4 / 6, 1 / 6, 1 / 6),
                        render_batch=4, workers=2, progress=False)
 
 
@@ -161,3 +162,15 @@ def checkpoint_path(tmp_path_factory):
     cfg = apply_overrides(debug(), [f"checkpoint.root={root}", "data.toy_clips=64",
                                     "schedule.switch_epoch=1", "schedule.max_epochs=3"])
     return Trainer(cfg, progress=False).fit()["best_checkpoint"]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Chromium for the whole test session (tests/browser.py)."""
+    from browser import Chromium
+
+    browser = Chromium()
+    try:
+        yield browser
+    finally:
+        browser.close()

@@ -147,6 +147,29 @@ def test_stratified_split_is_deterministic_and_balanced():
         parse_fractions((0.8, 0.3))
 
 
+def test_grouped_split_keeps_each_recording_in_one_split():
+    from data_prep.shards import group_counts, grouped_split
+
+    assert group_counts(3, (0.8, 0.1, 0.1)) == [1, 1, 1]          # every split gets one
+    assert group_counts(10, (0.8, 0.1, 0.1)) == [8, 1, 1]
+    assert group_counts(2, (0.8, 0.1, 0.1)) == [1, 1, 0]          # too few: test stays empty
+    assert group_counts(4, (1.0, 0.0, 0.0)) == [4, 0, 0]
+    groups = [f"{lab}{k}" for lab in ("v", "t") for k in range(5) for _ in range(3)]
+    labels = [g[0] for g in groups]
+    fracs = parse_fractions((0.6, 0.2, 0.2))
+    split = grouped_split(labels, groups, fracs, seed=3)
+    assert split == grouped_split(labels, groups, fracs, seed=3)
+    assert sorted(sum(split.values(), [])) == list(range(30))
+    owner = {}
+    for name, idx in split.items():
+        for i in idx:
+            assert owner.setdefault(groups[i], name) == name           # one split per group
+    assert {n: sorted({groups[i] for i in idx if labels[i] == "v"}).__len__()
+            for n, idx in split.items()} == {"train": 3, "val": 1, "test": 1}
+    with pytest.raises(ValueError, match="holds items of labels"):
+        grouped_split(["a", "b"], ["g", "g"], fracs, seed=0)
+
+
 def test_keys_are_sanitised_and_tar_bytes_are_reproducible():
     assert sanitize_key("../a b/c.d.wav") == "a_b_c_d_wav"
     assert sanitize_key("...") == "sample"
@@ -168,25 +191,29 @@ def test_keys_are_sanitised_and_tar_bytes_are_reproducible():
 def test_dmelodies_write_verify_read(small_dmelodies):
     manifest = json.loads((small_dmelodies / "dataset.json").read_text())
     assert sorted(p.name for p in small_dmelodies.iterdir()) == [
-        "dataset.json", "train-000000.tar", "train-000001.tar", "train-000002.tar",
-        "val-000000.tar"]
+        "dataset.json", "test-000000.tar", "train-000000.tar", "train-000001.tar",
+        "train-000002.tar", "train-000003.tar", "val-000000.tar"]
     assert manifest["feature_params"] == features.FEATURE_PARAMS
     assert manifest["instruments"] == ["violin", "trumpet"]
-    assert manifest["counts"] == {"trumpet": 8, "violin": 8}
-    assert manifest["splits"]["train"]["counts"] == {"trumpet": 6, "violin": 6}
-    assert manifest["splits"]["val"]["num_samples"] == 4
+    assert manifest["counts"] == {"trumpet": 12, "violin": 12}
+    assert manifest["splits"]["train"]["counts"] == {"trumpet": 8, "violin": 8}
+    assert manifest["splits"]["val"]["counts"] == {"trumpet": 2, "violin": 2}
+    assert manifest["splits"]["test"]["counts"] == {"trumpet": 2, "violin": 2}
     assert manifest["made_by"]["params"]["seed"] == SMALL_DMELODIES["seed"]
     assert {"fluidsynth", "torch", "soundfont"} <= set(manifest["made_by"]["versions"])
     for entry in manifest["splits"]["train"]["shards"]:
         assert len(entry["sha256"]) == 64 and entry["size"] > 0
 
     report = verify_dataset(str(small_dmelodies))
-    assert report.ok and report.shards_checked == 4 and report.samples_checked == 16
+    assert report.ok and report.shards_checked == 6 and report.samples_checked == 24
 
     data = load_dataset(small_dmelodies, with_audio=True)
     train = data["train"]
-    assert train.features.shape == (12, 251, 80) and train.features.dtype == torch.float32
-    assert train.mask.all() and train.audio.shape == (12, features.CLIP_SAMPLES)
+    assert train.features.shape == (16, 251, 80) and train.features.dtype == torch.float32
+    assert train.mask.all() and train.audio.shape == (16, features.CLIP_SAMPLES)
+    # No clip is in two splits.
+    keys = [set(data[split].keys) for split in ("train", "val", "test")]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
     for i, key in enumerate(train.keys):
         assert train.instruments[train.instrument[i]] == key.rsplit("_", 1)[1]
     # Bar 1 starts on its first eighth and each note lasts to the next onset, so bar 1 (frames
@@ -277,3 +304,18 @@ def test_cli_help_runs(capsys):
             main(["--help"])
         assert info.value.code == 0
     assert "--endpoint-url" in capsys.readouterr().out
+
+
+def test_dmelodies_default_split_is_2400_600_600():
+    """The default plan keeps the paper's train/val sizes and holds out a test split."""
+    from data_prep.dmelodies import DEFAULT_FRACTIONS, prepare_dmelodies
+    import inspect
+
+    n_clips = inspect.signature(prepare_dmelodies).parameters["n_clips"].default
+    assert n_clips == 3600
+    labels = [("violin", "trumpet")[i % 2] for i in range(n_clips)]
+    split = stratified_split(labels, parse_fractions(DEFAULT_FRACTIONS), seed=0)
+    assert {name: len(idx) for name, idx in split.items()} == {"train": 2400, "val": 600,
+                                                               "test": 600}
+    for idx in split.values():
+        assert sum(labels[i] == "violin" for i in idx) * 2 == len(idx)

@@ -36,20 +36,35 @@ def test_frame_notes_uses_frame_times():
     assert (frame_notes([], 5) == -1).all()
 
 
+def without_test_split(src, dst, listed_empty: bool = False):
+    """A copy of dataset `src` at `dst` as if prepared with train and val only: the test shards
+    are gone and the manifest lists no test split (or, with `listed_empty`, an empty one)."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "dataset.json").read_text())
+    test = manifest["splits"].pop("test")
+    for entry in test["shards"]:
+        (dst / entry["name"]).unlink()
+    if listed_empty:
+        manifest["splits"]["test"] = {**test, "num_samples": 0, "shards": []}
+    manifest["num_samples"] -= test["num_samples"]
+    (dst / "dataset.json").write_text(json.dumps(manifest))
+    return dst
+
+
 def test_load_dataset_is_the_toy_form(small_dmelodies):
     assert is_dataset_uri(small_dmelodies) and is_dataset_uri(small_dmelodies / "dataset.json")
     assert is_dataset_uri("s3://bucket/prefix") and not is_dataset_uri("toy")
     data = load_dataset(small_dmelodies / "dataset.json")
-    assert isinstance(data, Dataset) and list(data) == ["train", "val"]
-    assert data.name == "dmelodies" and data.meta["manifest"]["num_samples"] == 16
+    assert isinstance(data, Dataset) and list(data) == ["train", "val", "test"]
+    assert data.name == "dmelodies" and data.meta["manifest"]["num_samples"] == 24
     assert data["train"].instruments == data["val"].instruments == ("violin", "trumpet")
     assert data["train"].audio is None
     assert data["val"].instrument.dtype == torch.int64 and data["val"].notes.dtype == torch.int64
     only_val = load_dataset(small_dmelodies, splits=["val"])
     assert list(only_val) == ["val"]
     assert torch.equal(only_val["val"].features, data["val"].features)
-    with pytest.raises(MissingSplitError, match="has no 'test' split"):
-        load_dataset(small_dmelodies, splits=["test"])
+    with pytest.raises(MissingSplitError, match="has no 'bogus' split"):
+        load_dataset(small_dmelodies, splits=["bogus"])
 
 
 def test_split_samples_come_one_shard_at_a_time_in_manifest_order(small_dmelodies):
@@ -59,28 +74,28 @@ def test_split_samples_come_one_shard_at_a_time_in_manifest_order(small_dmelodie
     for i, it in enumerate(items):
         assert torch.equal(torch.from_numpy(it["features"]), memory.features[i])
         assert torch.equal(torch.from_numpy(it["audio"]), memory.audio[i])
-    with pytest.raises(MissingSplitError, match="no 'test' split"):
-        next(iter_split_samples(small_dmelodies, "test"))
+    with pytest.raises(MissingSplitError, match="no 'bogus' split"):
+        next(iter_split_samples(small_dmelodies, "bogus"))
 
 
-def test_datasets_with_and_without_a_test_split(small_dmelodies, tmp_path):
-    # The fixture has no test split: the manifest lists it empty or not at all.
-    data = load_dataset(small_dmelodies)
-    assert list(data) == ["train", "val"]
+@pytest.mark.parametrize("listed_empty", [False, True])
+def test_datasets_with_and_without_a_test_split(small_dmelodies, tmp_path, listed_empty):
+    three = load_dataset(small_dmelodies)
+    assert list(three) == ["train", "val", "test"] and len(three["test"]) == 4
+    assert not set(three["test"].keys) & (set(three["train"].keys) | set(three["val"].keys))
+    two_root = without_test_split(small_dmelodies, tmp_path / "two", listed_empty)
+    two = load_dataset(two_root)
+    assert list(two) == ["train", "val"]
+    for name in ("train", "val"):
+        assert two[name].keys == three[name].keys
+        assert torch.equal(two[name].features, three[name].features)
     with pytest.raises(MissingSplitError) as err:
-        data["test"]
-    assert "'test'" in str(err.value) and "train, val" in str(err.value)
+        two["test"]
+    assert str(err.value) == "dataset 'dmelodies' has no 'test' split (it has train, val)"
     assert isinstance(err.value, KeyError) and isinstance(err.value, ValueError)
-    # The same shards with the val shard also listed as a test split: three splits, read alike.
-    three = tmp_path / "three"
-    shutil.copytree(small_dmelodies, three)
-    manifest = json.loads((three / "dataset.json").read_text())
-    manifest["splits"]["test"] = json.loads(json.dumps(manifest["splits"]["val"]))
-    (three / "dataset.json").write_text(json.dumps(manifest))
-    data3 = load_dataset(three)
-    assert list(data3) == ["train", "val", "test"]
-    assert data3["test"].keys == data3["val"].keys
-    assert torch.equal(data3["test"].features, data3["val"].features)
+    with pytest.raises(MissingSplitError, match="no 'test' split"):
+        load_dataset(two_root, splits=["test"])
+    assert verify_dataset(str(two_root)).ok
 
 
 def test_importing_the_reader_changes_no_global_state():

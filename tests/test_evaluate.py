@@ -9,6 +9,7 @@ from tsdsae.data import MissingSplitError, load_dataset
 from tsdsae.evaluate import check_eval_split, evaluate, evaluate_run, main
 from tsdsae.model.dsae import DSAE
 from tsdsae.toy import make_toy_dataset
+from test_data_reader import without_test_split
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +33,24 @@ def test_evaluate_run_scores_test_and_puts_val_beside_it(toy):
 
 def test_a_missing_evaluation_split_is_one_line_saying_what_to_do(small_dmelodies, tmp_path,
                                                                   capsys):
-    data = load_dataset(small_dmelodies)                 # train and val only
+    two_splits = without_test_split(small_dmelodies, tmp_path / "two")
+    data = load_dataset(two_splits)                      # train and val only
     model = DSAE(debug().model)
     with pytest.raises(MissingSplitError) as err:
         evaluate(model, data, "test")
     message = str(err.value)
     assert "\n" not in message and "no 'test' split" in message and "eval.split=val" in message
-    cfg = apply_overrides(debug(), [f"data.uri={small_dmelodies}"])
+    cfg = apply_overrides(debug(), [f"data.uri={two_splits}"])
     with pytest.raises(MissingSplitError, match="eval.split=val"):
         check_eval_split(cfg)
     check_eval_split(apply_overrides(cfg, ["eval.split=val"]))      # present: no error
+    check_eval_split(apply_overrides(cfg, [f"data.uri={small_dmelodies}"]))   # has a test split
     check_eval_split(debug())                                        # toy: train/val/test
 
     # The training CLI stops before training, exit 2, one line, nothing written.
     from tsdsae.train import main as train_main
     root = tmp_path / "runs"
-    code = train_main(["--preset", "debug", "--data", str(small_dmelodies), "--name", "nt",
+    code = train_main(["--preset", "debug", "--data", str(two_splits), "--name", "nt",
                        "--quiet", f"checkpoint.root={root}"])
     err_text = capsys.readouterr().err.strip()
     assert code == 2 and len(err_text.splitlines()) == 1

@@ -23,7 +23,8 @@ def test_unshared_groups_are_one_variant_each():
     assert sorted(len(g.variants) for g in groups) == [1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("name", ["paper", "architecture", "capacity", "smoke"])
+@pytest.mark.parametrize("name", ["paper", "architecture", "capacity", "smoke", "quick",
+                                  "fidelity-cpu"])
 def test_shipped_grids_load_and_validate(name):
     g = load_grid(name)
     assert g.size() >= 4 and points(g)
@@ -45,3 +46,20 @@ def test_narrowing_and_bad_keys(tmp_path):
         load_grid(str(bad))
     with pytest.raises(ValueError, match="not found"):
         load_grid("nope")
+
+
+def test_quick_grid_is_the_four_models_in_two_trials_and_narrows():
+    g = load_grid("quick")
+    assert g.axes["schedule.variant"] == ["dsae", "dsae_freeze", "ts_dsae_wo_reg", "ts_dsae"]
+    assert g.axes["model.z_dim"] == [32] and g.axes["optim.amsgrad"] == [False]
+    assert g.fixed["schedule.switch_epoch"] < g.fixed["schedule.max_epochs"]
+    groups = trial_groups(g, ["data/dmelodies"])
+    assert sorted(len(gr.variants) for gr in groups) == [1, 3]
+    only_ts = narrow(g, parse_only(["schedule.variant=ts_dsae,dsae"]))
+    assert sorted(gr.variants for gr in trial_groups(only_ts)) == [("dsae",), ("ts_dsae",)]
+    with pytest.raises(ValueError, match="model.z_dim"):
+        narrow(g, {"model.z_dim": [16]})
+    fidelity = load_grid("fidelity-cpu")
+    assert fidelity.size() == 4 * 2 * 3
+    assert {k: fidelity.fixed[k] for k in ("schedule.switch_epoch", "schedule.max_epochs")} == {
+        k: g.fixed[k] for k in ("schedule.switch_epoch", "schedule.max_epochs")}

@@ -37,7 +37,7 @@ def test_load_gives_the_checkpoint_model_and_its_probes(model):
 
 def test_audio_inputs_are_prepared_like_the_training_data(model):
     audio = torch.from_numpy(synthesise(MELODY, "saw", 1.0))
-    feats = features.log_mel(features.peak_normalise(audio))
+    feats = features.log_mel(features.peak_normalise(audio - audio.mean()))   # DC removed
     from_audio = model.encode(0.3 * audio, sample_rate=16_000)
     from_feats = model.encode(feats)
     torch.testing.assert_close(from_audio.v, from_feats.v)
@@ -80,7 +80,7 @@ def test_bad_audio_files_are_refused_with_the_file_named(tmp_path):
     junk.write_bytes(b"RIFF\x00\x00not really a wave file" * 10)
     with pytest.raises(AudioError, match="junk.wav is not readable audio"):
         read_clip(junk)
-    with pytest.raises(AudioError, match="silent.wav is silent"):
+    with pytest.raises(AudioError, match="silent.wav is too quiet to use .*digital silence"):
         read_clip(_write(tmp_path / "silent.wav", np.zeros(16_000, np.float32)))
     with pytest.raises(AudioError, match="too short"):
         prepare_audio(np.ones(100), 16_000, seconds=None)

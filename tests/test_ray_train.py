@@ -207,7 +207,7 @@ def test_worker_failures_in_stage_two_resume_with_s3_storage(tmp_path, ray_clust
             "--max-failures", "1", "--quiet", f"checkpoint.root=s3://{bucket}/runs",
             "checkpoint.every=1", "schedule.switch_epoch=2", "schedule.max_epochs=6",
             "tracking.enabled=true", f"tracking.uri={mlflow_server.uri}",
-            f"tracking.experiment={experiment}", "eval.split=val"]
+            f"tracking.experiment={experiment}"]
     assert main(argv) == 1
     assert "rerun the same command to resume" in capsys.readouterr().err
     assert all(m.exists() for m in markers)

@@ -64,7 +64,8 @@ def test_swap_cli_takes_dataset_samples(checkpoint_path, small_dmelodies, tmp_pa
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"), ("empty", "holds no audio samples"),
-    ("nan", "holds NaN"), ("junk", "is not readable audio"), ("silent", "is silent"),
+    ("nan", "holds NaN"), ("junk", "is not readable audio"), ("silent", "is too quiet to use"),
+    ("dither", "-90.3 dBFS, below the -60 dBFS floor"),
 ])
 def test_swap_cli_refuses_bad_audio_clearly(checkpoint_path, wavs, tmp_path, capsys, case,
                                             message):
@@ -77,6 +78,9 @@ def test_swap_cli_refuses_bad_audio_clearly(checkpoint_path, wavs, tmp_path, cap
         bad.write_bytes(bytes(range(256)) * 8)
     elif case == "silent":
         sf.write(str(bad), np.zeros(8000, np.float32), 16_000)
+    elif case == "dither":                     # +-1 LSB of 16 bit: about -90 dBFS
+        lsb = np.random.default_rng(0).integers(-1, 2, 32_000).astype(np.int16)
+        sf.write(str(bad), lsb, 16_000, subtype="PCM_16")
     rc = swap.main(["--checkpoint", checkpoint_path, "--content", str(wavs[0]),
                     "--timbre", str(bad), "--out", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err

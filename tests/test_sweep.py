@@ -105,7 +105,8 @@ def test_smoke_sweep_writes_a_report_and_one_child_run_per_grid_point(smoke, mlf
                 "figures/z_trajectories.png", "figures/swaps"} <= files, files
         assert "eval_rpa_recon" in run.data.metrics or "eval_rpa_n_clips" in run.data.metrics
     parent_files = {f.path for f in client.list_artifacts(out["parent_run_id"], "report")}
-    assert {"report/summary.md", "report/robustness.png", "report/summary.csv"} <= parent_files
+    assert {"report/summary.md", "report/summary.csv"} <= parent_files
+    assert any(f.startswith("report/robustness-") and f.endswith("-adam.png") for f in parent_files)
 
 
 def test_shared_stage_one_equals_an_unshared_run(smoke, mlflow_server, grid_file):
@@ -228,7 +229,8 @@ def test_ray_job_submit_runs_the_smoke_sweep(mlflow_server, grid_file, tmp_path)
     exp = client.get_experiment_by_name("sweeps-job")
     parent = client.search_runs([exp.experiment_id], "tags.`tsdsae.role` = 'sweep'")[0]
     files = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
-    assert "report/robustness.png" in files and "report/summary.md" in files
+    assert "report/summary.md" in files
+    assert any(f.startswith("report/robustness-") and f.endswith(".png") for f in files)
     assert (tmp_path / "results" / "job" / "summary.md").exists()
 
 
@@ -242,3 +244,63 @@ def test_local_dataset_paths_reach_workers_as_absolute_paths(tmp_path, monkeypat
     assert resolve_locations(debug()).data.uri == "toy"
     args = sweep_mod.build_parser().parse_args(["--data", "data/dm", "--data", "s3://b/p"])
     assert sweep_mod._sweep_settings(args)[1] == [str(tmp_path / "data" / "dm"), "s3://b/p"]
+
+
+# Waits for every image and for every audio element's metadata (or its error) and reports them.
+PAGE_CHECK = """(async () => {
+  const imgs = [...document.images];
+  await Promise.all(imgs.map(i => i.complete ? null :
+      new Promise(r => { i.onload = r; i.onerror = r; })));
+  const audios = [...document.querySelectorAll('audio')];
+  const sounds = await Promise.all(audios.map(a => new Promise(r => {
+    const done = ok => r({file: a.dataset.file, ok: ok, duration: a.duration,
+                          error: a.error ? a.error.code : null});
+    if (a.readyState >= 1) return done(true);
+    a.addEventListener('loadedmetadata', () => done(true));
+    a.addEventListener('error', () => done(false));
+    setTimeout(() => done(false), 20000);
+  })));
+  return {sounds: sounds, images: imgs.map(i => ({alt: i.alt, width: i.naturalWidth})),
+          figures: document.querySelectorAll('img.figure').length,
+          links: [...document.querySelectorAll('a[download]')].map(a => a.getAttribute('href')),
+          text: document.body.innerText};
+})()"""
+
+
+def test_report_page_plays_and_shows_everything_in_a_browser(smoke, chromium):
+    out, root = smoke
+    page = Path(out["report"]["report_html"])
+    assert page.name == "report.html" and page.parent == Path(out["results"])
+    shot = page.with_name("report-screenshot.png")
+    seen = chromium.inspect(page.as_uri(), PAGE_CHECK, screenshot=shot)
+    wavs = sorted(p.name for p in (page.parent / "report_files").glob("*.wav"))
+    # inputs A and B, then recon / global swap / local swap of each of the 4 models
+    assert len(wavs) == 2 + 4 * 3
+    assert sorted(s["file"] for s in seen["sounds"]) == wavs          # one player per file
+    assert all(s["ok"] and s["duration"] > 0.5 for s in seen["sounds"]), seen["sounds"]
+    assert len(seen["images"]) == len(wavs) + seen["figures"] and seen["figures"] >= 1
+    assert all(img["width"] > 0 for img in seen["images"]), seen["images"]
+    assert all((page.parent / href).is_file() for href in seen["links"])
+    assert len(seen["links"]) == len(wavs)
+    text = seen["text"]
+    assert "melody of A, instrument of B" in text and "melody of B, instrument of A" in text
+    assert "scored on the test split" in text
+    for label in ("DSAE", "DSAE-freeze", "TS-DSAE w/o reg", "TS-DSAE"):
+        assert f"{label}, z_dim" in text
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_experiment_opens_in_the_runs_view_with_descriptions(smoke, mlflow_server):
+    out, _ = smoke
+    client = mlflow_server.client()
+    parent = client.get_run(out["parent_run_id"])
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "report/report.html" in exp.tags["mlflow.note.content"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert "| TS-DSAE |" in note and "report/report.html" in note
+    files = {f.path for f in client.list_artifacts(out["parent_run_id"], "report")}
+    assert "report/report.html" in files and "report/report_files" in files
+    screen = sweep_mod.final_screen(out, 60.0)
+    assert f"#/experiments/{exp.experiment_id}/runs" in screen
+    assert str(out["report"]["report_html"]) in screen and "Model training" in screen

@@ -13,25 +13,26 @@ Shapes: audio (S,) or (B, S) float at `sample_rate` Hz; log-mel features (T, 80)
 Every method takes features, audio (with `sample_rate=`), a `Clip`, a list of Clips, or a file
 path / dataset spec (read with `read_clip` at its defaults).
 
-A clip is prepared the way the training data was (METHOD s1): downmixed to mono, resampled to
-16 kHz, cropped or zero-padded to 4 s by default, peak normalised. Padding frames are masked out:
+A clip is prepared the way the training data was (METHOD s1, tsdsae.audio): DC removed,
+downmixed to mono, resampled to 16 kHz, cropped or zero-padded to 4 s by default, refused when
+too quiet to use (tsdsae.audio.QUIET_DBFS), peak normalised. Padding frames are masked out:
 they do not enter the pooled v, and decoded outputs are silent there.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
 import torch
 
+from tsdsae import audio as shared_audio
 from tsdsae import features
 from tsdsae.model.dsae import DSAE
 
-# A clip whose peak stays below this (about -100 dBFS) holds nothing a model can encode.
-SILENCE_PEAK = 1e-5
 DEFAULT_SECONDS = features.CLIP_SECONDS
 
 
@@ -105,29 +106,40 @@ def read_audio_file(path: str | os.PathLike) -> tuple[np.ndarray, int]:
 
 
 def prepare_audio(audio, sample_rate: int, seconds: float | None = DEFAULT_SECONDS,
-                  offset: float = 0.0, name: str = "audio") -> Clip:
+                  offset: float = 0.0, name: str = "audio", condition: bool = True) -> Clip:
     """Make one clip model-ready: mono, 16 kHz, `seconds` long, peak normalised.
 
     audio: (S,) mono or (C, S) channels-first, numpy or torch, any float/int dtype, at
-    `sample_rate` Hz. Channels are averaged; the clip starts `offset` s in; it is cropped or
-    zero-padded to `seconds` (None keeps its length). Raises AudioError (naming `name`) for
-    NaN/inf samples, no samples, or silence.
+    `sample_rate` Hz. tsdsae.audio.condition removes DC, downmixes (the louder channel when the
+    channels cancel, with a warning naming `name`) and resamples with a bounded filter, the way
+    the training data was prepared. The clip starts `offset` s in; it is cropped or zero-padded
+    to `seconds` (None keeps its length). condition=False skips tsdsae.audio.condition, for
+    mono 16 kHz audio that data prep already conditioned (a dataset sample), so its features
+    equal the stored ones. Raises AudioError (naming `name`) for NaN/inf samples, no samples, or
+    audio too quiet to use (tsdsae.audio.too_quiet: peak below QUIET_DBFS).
     """
-    x = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio)
-    if x.dim() == 2:
-        x = x.float().mean(dim=0)                  # downmix channels-first audio
-    elif x.dim() != 1:
+    x = audio.detach().cpu().numpy() if torch.is_tensor(audio) else np.asarray(audio)
+    if x.ndim not in (1, 2):
         raise AudioError(f"{name}: audio must be (S,) or (C, S), got shape {tuple(x.shape)}")
-    x = x.float()
-    if x.numel() == 0:
+    if np.issubdtype(x.dtype, np.integer):
+        x = x / float(np.iinfo(x.dtype).max + 1)
+    x = x.astype(np.float32)
+    if x.size == 0:
         raise AudioError(f"{name} holds no audio samples")
-    if not torch.isfinite(x).all():
+    if not np.isfinite(x).all():
         raise AudioError(f"{name} holds NaN or infinite samples; repair or re-export the file")
     if sample_rate <= 0:
         raise AudioError(f"{name}: sample rate {sample_rate} Hz is not positive")
-    if sample_rate != features.SAMPLE_RATE:
-        import torchaudio
-        x = torchaudio.functional.resample(x, sample_rate, features.SAMPLE_RATE)
+    if condition:
+        conditioned = shared_audio.condition(x, int(sample_rate), features.SAMPLE_RATE)
+        if conditioned.channel is not None:
+            warnings.warn(f"{name}: its channels cancel when averaged (one is nearly the inverse "
+                          f"of another); using channel {conditioned.channel} alone", stacklevel=2)
+        x = conditioned.audio
+    elif x.ndim != 1 or sample_rate != features.SAMPLE_RATE:
+        raise AudioError(f"{name}: condition=False needs mono audio at {features.SAMPLE_RATE} Hz, "
+                         f"got shape {x.shape} at {sample_rate} Hz")
+    x = torch.from_numpy(np.ascontiguousarray(x))
     start = int(round(offset * features.SAMPLE_RATE))
     if offset < 0 or start >= x.numel():
         raise AudioError(f"{name}: offset {offset} s is outside the clip "
@@ -144,12 +156,13 @@ def prepare_audio(audio, sample_rate: int, seconds: float | None = DEFAULT_SECON
         # reflect padding of the STFT needs at least half a window
         raise AudioError(f"{name} is too short ({x.numel()} samples at 16 kHz); give at least "
                          f"{(features.N_FFT // 2 + 1) / features.SAMPLE_RATE * 1000:.0f} ms")
-    peak = float(x[:valid].abs().max())
-    if peak < SILENCE_PEAK:
+    used = x[:valid].numpy()
+    if shared_audio.too_quiet(used):
         where = f" from {offset} s" if offset else ""
         span = f"the {seconds} s used{where}" if seconds is not None else "the clip"
-        raise AudioError(f"{name} is silent in {span} (peak |a| = {peak:.2g}); choose a clip "
-                         "with sound in it (or another --offset)")
+        raise AudioError(f"{name} is too quiet to use in {span} ({shared_audio.quiet_message(used)}"
+                         "; peak normalisation would turn its noise into the clip); choose a "
+                         "clip with sound in it (or another --offset)")
     return Clip(features.peak_normalise(x).contiguous(), valid, name)
 
 
@@ -180,8 +193,9 @@ def read_dataset_clip(uri: str, key: str, split: str | None = None,
     for name in splits:
         for item in iter_split_samples(uri, name, endpoint_url=endpoint_url, with_audio=True):
             if item["key"] == key:
+                # The stored clip is already conditioned: only crop/pad and normalise it.
                 return prepare_audio(item["audio"], features.SAMPLE_RATE, seconds, offset,
-                                     name=f"{uri}#{name}/{key}")
+                                     name=f"{uri}#{name}/{key}", condition=False)
     raise KeyError(f"no sample {key!r} in split(s) {splits} of dataset {uri}; sample keys are "
                    "listed in the shards (e.g. `tar tf <shard>.tar`)")
 

@@ -205,6 +205,32 @@ def experiment_id(client, name: str) -> str:
     return exp.experiment_id
 
 
+# MLflow 3's UI opens an experiment in its GenAI view (traces) unless the experiment says it holds
+# model-training runs; its description and a run's description are these note tags.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"
+
+
+def describe_experiment(uri: str, experiment: str, description: str) -> str:
+    """Find or create `experiment`, mark it as a model-training experiment (so the UI shows its
+    runs table) with `description` (Markdown); returns its id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(uri))
+    exp_id = experiment_id(client, experiment)
+    client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    client.set_experiment_tag(exp_id, NOTE_TAG, description)
+    return exp_id
+
+
+def describe_run(uri: str, run_id: str, markdown: str) -> None:
+    """Set a run's description (shown on its overview page) to `markdown`."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(resolve_tracking_uri(uri)).set_tag(run_id, NOTE_TAG, markdown)
+
+
 def find_runs(uri: str, experiment: str, key: str) -> list:
     """Runs (mlflow.entities.Run) of `experiment` tagged with run key `key`, newest first."""
     from mlflow.tracking import MlflowClient

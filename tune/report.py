@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 GROUP = ["dataset", "model", "z_dim", "optimiser"]
@@ -65,63 +66,158 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def box_plots(rows: pd.DataFrame, path: Path) -> Path:
-    """One row of panels per dataset x optimiser, one panel per metric; within a panel, groups by
-    z_dim with one box per model (like the paper's benchmark figure)."""
-    metrics = metrics_in(rows)
-    facets = sorted(rows.groupby(["dataset", "optimiser"]).groups)
-    models = [m for m in MODEL_ORDER if m in set(rows["model"])] + sorted(
-        set(rows["model"]) - set(MODEL_ORDER))
-    z_dims = sorted(rows["z_dim"].unique())
-    fig, axes = plt.subplots(len(facets), len(metrics), squeeze=False,
-                             figsize=(4.2 * len(metrics), 3.2 * len(facets)))
-    width = 0.8 / max(len(models), 1)
-    for r, (dataset, opt) in enumerate(facets):
-        sub = rows[(rows["dataset"] == dataset) & (rows["optimiser"] == opt)]
-        for c, metric in enumerate(metrics):
+METRIC_LABEL = {"pre_swap": "pre-swap F1", "gswap": "global-swap F1", "lswap": "local-swap F1",
+                "rpa_recon": "pitch acc. (recon)", "rpa_gswap": "pitch acc. (g-swap)",
+                "rpa_lswap": "pitch acc. (l-swap)"}
+
+
+def models_in(rows: pd.DataFrame) -> list[str]:
+    present = set(rows["model"])
+    return [m for m in MODEL_ORDER if m in present] + sorted(present - set(MODEL_ORDER))
+
+
+def robustness_figure(rows: pd.DataFrame, dataset: str, optimiser: str, split: str | None = None):
+    """The paper's benchmark figure for one dataset x optimiser: a grid of axes with one row per
+    metric (pre_swap, gswap, lswap, then the pitch scores where present) and one column per z_dim;
+    in each axes one coloured box per model over seeds, with every seed drawn as a point on top
+    (so one seed is still visible), and a legend naming the models.
+
+    Returns the matplotlib Figure (the caller saves and closes it). Raises ValueError when there
+    are no rows for (dataset, optimiser).
+    """
+    sub = rows[(rows["dataset"] == dataset) & (rows["optimiser"] == optimiser)]
+    if sub.empty:
+        raise ValueError(f"no rows for dataset {dataset!r} with optimiser {optimiser!r}")
+    metrics = metrics_in(sub)
+    models = models_in(sub)
+    z_dims = sorted(sub["z_dim"].unique())
+    fig, axes = plt.subplots(len(metrics), len(z_dims), squeeze=False, sharey=True,
+                             figsize=(0.9 + 0.75 * len(models) * len(z_dims) + 0.6,
+                                      1.2 + 1.9 * len(metrics)))
+    rng = np.random.default_rng(0)        # jitter of the seed points only
+    for r, metric in enumerate(metrics):
+        for c, z in enumerate(z_dims):
             ax = axes[r][c]
             for k, model in enumerate(models):
-                data, pos = [], []
-                for i, z in enumerate(z_dims):
-                    vals = sub[(sub["model"] == model) & (sub["z_dim"] == z)][metric].dropna()
-                    if len(vals):
-                        data.append(vals.values)
-                        pos.append(i + (k - (len(models) - 1) / 2) * width)
-                if data:
-                    bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True,
-                                    manage_ticks=False)
-                    for patch in bp["boxes"]:
-                        patch.set_facecolor(COLOURS.get(model, "#7f7f7f"))
-                        patch.set_alpha(0.75)
-            ax.set_xticks(range(len(z_dims)), [f"z={z}" for z in z_dims])
+                vals = sub[(sub["model"] == model) & (sub["z_dim"] == z)][metric].dropna()
+                if not len(vals):
+                    continue
+                colour = COLOURS.get(model, "#7f7f7f")
+                bp = ax.boxplot([vals.values], positions=[k], widths=0.6, patch_artist=True,
+                                manage_ticks=False, showfliers=False,
+                                medianprops={"color": "black", "linewidth": 1.5})
+                bp["boxes"][0].set_facecolor(colour)
+                bp["boxes"][0].set_alpha(0.45)
+                bp["boxes"][0].set_gid(f"box:{model}")
+                jitter = rng.uniform(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)
+                ax.scatter(k + jitter, vals.values, s=22, color=colour, edgecolor="black",
+                           linewidth=0.5, zorder=3, gid=f"seeds:{model}")
+            ax.set_xticks(range(len(models)), [MODEL_LABEL.get(m, m) for m in models],
+                          rotation=30, ha="right", fontsize=8)
+            if r < len(metrics) - 1:               # model names under the bottom row only
+                ax.tick_params(labelbottom=False)
+            ax.set_xlim(-0.6, len(models) - 0.4)
             ax.set_ylim(-0.05, 1.05)
-            ax.set_title(f"{dataset} / {opt}: {metric}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS.get(m, "#7f7f7f"), alpha=0.75)
-               for m in models]
+            if r == 0:
+                ax.set_title(f"z_dim = {z}", fontsize=10)
+            if c == 0:
+                ax.set_ylabel(METRIC_LABEL.get(metric, metric), fontsize=9)
+            ax.set_gid(f"{metric}|{z}")
+    handles = [plt.Line2D([], [], marker="s", linestyle="", markersize=10,
+                          color=COLOURS.get(m, "#7f7f7f"), alpha=0.7) for m in models]
     fig.legend(handles, [MODEL_LABEL.get(m, m) for m in models], loc="lower center",
-               ncol=len(models), frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+               ncol=len(models), frameon=False, fontsize=9)
+    n_seeds = int(sub.groupby(["model", "z_dim"]).size().max())
+    fig.suptitle(f"{dataset} / {optimiser}: " + (f"{split} split, " if split else "")
+                 + f"{n_seeds} seed{'s' if n_seeds != 1 else ''} per box", fontsize=11)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def box_plots(rows: pd.DataFrame, out_dir: Path, split: str | None = None) -> list[Path]:
+    """One PNG per dataset x optimiser (robustness_figure), named
+    robustness-<dataset>-<optimiser>.png; returns the paths."""
+    paths = []
+    for dataset, opt in sorted(rows.groupby(["dataset", "optimiser"]).groups):
+        fig = robustness_figure(rows, dataset, opt, split)
+        path = Path(out_dir) / f"robustness-{_slug(dataset)}-{opt}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(text))
+
+
+def scored_split(rows: pd.DataFrame) -> str | None:
+    """The evaluation split the rows were scored on ("test", "val", ...), "mixed" if several,
+    None when the rows do not say."""
+    if "split" not in rows or rows["split"].isna().all():
+        return None
+    splits = sorted(set(rows["split"].dropna()))
+    return splits[0] if len(splits) == 1 else "mixed (" + ", ".join(splits) + ")"
 
 
 def write_report(rows: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
-    """trials.csv (all rows), summary.csv, summary.md and robustness.png in `out_dir`."""
+    """trials.csv (all rows), summary.csv, summary.md and one robustness-<dataset>-<optimiser>.png
+    per dataset x optimiser in `out_dir`. Keys of the returned dict: trials_csv, summary_csv,
+    summary_md and figure:<dataset>/<optimiser>. Raises ValueError when `rows` is empty."""
     if rows.empty:
         raise ValueError("no finished trials with evaluation metrics to report")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
+    split = scored_split(rows)
     paths = {"trials_csv": out / "trials.csv", "summary_csv": out / "summary.csv",
-             "summary_md": out / "summary.md", "box_plots": out / "robustness.png"}
+             "summary_md": out / "summary.md"}
     rows.sort_values(GROUP + ["seed"]).to_csv(paths["trials_csv"], index=False)
     summary.to_csv(paths["summary_csv"], index=False)
-    paths["summary_md"].write_text("# Robustness of the global latent (macro-F1 over seeds)\n\n"
-                                   + markdown_table(summary))
-    box_plots(rows, paths["box_plots"])
+    scored = (f"Scored on the **{split}** split" if split else "Scored on the evaluation split")
+    paths["summary_md"].write_text(
+        "# Robustness of the global latent (macro-F1 over seeds)\n\n"
+        f"{scored} (checkpoints chosen on val). pre_swap / gswap / lswap: LDA macro-F1 of the "
+        "instrument read from v after reconstruction / global swap / local swap (1 = v alone "
+        "sets the instrument; near 0 = the instrument follows z). rpa_*: CREPE raw pitch "
+        "accuracy of the decoded audio against the input's (pitch must follow z).\n\n"
+        + markdown_table(summary))
+    for path in box_plots(rows, out, split):
+        dataset, opt = path.stem[len("robustness-"):].rsplit("-", 1)
+        paths[f"figure:{dataset}/{opt}"] = path
     return paths
+
+
+def verdict(summary: pd.DataFrame) -> list[str]:
+    """What the sweep shows, in words: one line per dataset x z_dim x optimiser, each model's
+    median gswap / lswap and what they mean (METHOD s6: near 1 = v alone sets the instrument;
+    near 0 = the instrument follows z, the global latent's collapse; near 1/2 with two
+    instruments = chance). Example: "dmelodies, z_dim 32, adam: TS-DSAE keeps the instrument in
+    v (gswap 1.00, lswap 1.00); DSAE does not: gswap 0.05, lswap 0.06 (collapse: the instrument
+    follows z)"."""
+    lines = []
+    for (dataset, z, opt), cell in summary.groupby(["dataset", "z_dim", "optimiser"], observed=True):
+        if "gswap_median" not in cell:
+            continue
+        parts = []
+        for _, r in cell.sort_values("model").iterrows():
+            g, loc = r["gswap_median"], r["lswap_median"]
+            name = MODEL_LABEL.get(r["model"], r["model"])
+            if g >= 0.9 and loc >= 0.9:
+                parts.append(f"{name} keeps the instrument in v (gswap {g:.2f}, lswap {loc:.2f})")
+                continue
+            if max(g, loc) <= 0.25:
+                why = "collapse: the instrument follows z"
+            elif min(g, loc) >= 0.3 and max(g, loc) <= 0.7:
+                why = "near chance: v does not carry the instrument"
+            else:
+                why = "partly"
+            parts.append(f"{name} does not: gswap {g:.2f}, lswap {loc:.2f} ({why})")
+        n = int(cell["gswap_n"].max())
+        lines.append(f"{dataset}, z_dim {z}, {opt} ({n} seed{'s' if n != 1 else ''}): "
+                     + "; ".join(parts))
+    return lines
 
 
 def rows_from_mlflow(parent_run_id: str, tracking_uri: str | None = None) -> pd.DataFrame:
@@ -141,7 +237,10 @@ def rows_from_mlflow(parent_run_id: str, tracking_uri: str | None = None) -> pd.
         row = {"dataset": dataset_name(p.get("data.uri", "?")),
                "model": p.get("schedule.variant", "?"), "z_dim": int(p.get("model.z_dim", 0)),
                "optimiser": "amsgrad" if p.get("optim.amsgrad") == "True" else "adam",
-               "seed": int(p.get("seed", 0)), "run_id": run.info.run_id}
+               "seed": int(p.get("seed", 0)), "run_id": run.info.run_id,
+               "split": p.get("eval.split") or p.get("data.eval_split"),
+               "data_uri": p.get("data.uri"),
+               "checkpoint": run.data.tags.get("tsdsae.best_checkpoint")}
         for metric in SWAP_METRICS + PITCH_METRICS:
             value = m.get(f"eval_{metric}")
             row[metric] = value if value is not None and not math.isnan(value) else None
@@ -150,11 +249,16 @@ def rows_from_mlflow(parent_run_id: str, tracking_uri: str | None = None) -> pd.
 
 
 def log_report(paths: dict[str, Path], parent_run_id: str, tracking_uri: str | None = None) -> None:
+    """Log every report file to the sweep's parent run under report/ (and the page's WAVs under
+    report/report_files/ when report.html is among them)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     for path in paths.values():
         client.log_artifact(parent_run_id, str(path), artifact_path="report")
+    files = Path(paths["summary_md"]).parent / "report_files"
+    if "report_html" in paths and files.is_dir():
+        client.log_artifacts(parent_run_id, str(files), artifact_path="report/report_files")
 
 
 def main(argv=None) -> None:

@@ -44,6 +44,13 @@ from tune.grid import (SHARED_STAGE_1, VARIANT_KEY, load_grid, narrow, parse_onl
 
 SWEEP_KEY_TAG = "tsdsae.sweep_key"
 ROLE_TAG = "tsdsae.role"
+BEST_CHECKPOINT_TAG = "tsdsae.best_checkpoint"
+EXPERIMENT_NOTE = (
+    "Robustness sweeps of the DSAE family (DSAE, DSAE-freeze, TS-DSAE w/o reg, TS-DSAE). Each "
+    "sweep is a parent run (role `sweep`) whose description holds the summary table and whose "
+    "artifacts hold `report/report.html` (the figure and the swaps to listen to); expand it to see "
+    "one child run per grid point (metrics `eval_pre_swap`, `eval_gswap`, `eval_lswap` on the "
+    "scored split; figures and swap WAVs under `figures/`).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +137,9 @@ def trial_fn(config: dict) -> None:
                                     **_coord_tags(group["coords"], variant)})
         summary = train_driver_fn(driver_config(cfg, parent_run_id=sweep["parent_run_id"],
                                                 **options))
+        if summary.get("mlflow_run_id"):        # where the report page finds the model to hear
+            tracking.MlflowTracker(cfg.tracking.uri, summary["mlflow_run_id"]).set_tags(
+                {BEST_CHECKPOINT_TAG: summary["best_checkpoint"]})
         for k, v in (summary.get("eval") or {}).items():
             metrics[f"{variant}/{k}"] = v
         metrics[f"{variant}/best_val"] = summary["best_val"]
@@ -214,7 +224,9 @@ def run_sweep(args) -> dict:
     from ray import tune
 
     from tsdsae.ray_train import runtime_env
-    from tune.report import log_report, rows_from_mlflow, write_report
+    from tune.report import (log_report, rows_from_mlflow, scored_split, summarise, verdict,
+                             write_report)
+    from tune.report_page import write_report_page
 
     grid, datasets = _sweep_settings(args)
     groups = trial_groups(grid, datasets, share_stage_1=not args.no_share_stage_1)
@@ -226,6 +238,7 @@ def run_sweep(args) -> dict:
     print(f"sweep {name}: grid {grid.name} ({n_points} runs in {len(groups)} trials), "
           f"datasets {datasets}, storage {storage.uri}, MLflow {tracking_uri}", flush=True)
 
+    experiment_id = tracking.describe_experiment(tracking_uri, args.experiment, EXPERIMENT_NOTE)
     parent = tracking.open_run(tracking_uri, args.experiment, f"sweep:{storage.uri}",
                                run_name=name, tags={ROLE_TAG: "sweep", "tsdsae.grid": grid.name})
     parent.log_params({"grid": grid.name, "grid_file": grid.source, "runs": n_points,
@@ -271,13 +284,54 @@ def run_sweep(args) -> dict:
     rows = rows_from_mlflow(parent.run_id, tracking_uri)
     out_dir = Path(args.out) / name
     paths = write_report(rows, out_dir)
+    split = scored_split(rows) or "test"
+    summary = summarise(rows)
+    lines = verdict(summary)
+    print("writing the report page (the example swaps of every model) ...", flush=True)
+    paths["report_html"] = write_report_page(
+        rows, summary, [p for k, p in paths.items() if k.startswith("figure:")], out_dir,
+        split, f"tsdsae sweep {name}", lines, endpoint_url=args.endpoint_url)
     log_report(paths, parent.run_id, tracking_uri)
+    tracking.describe_run(tracking_uri, parent.run_id,
+                          "\n".join(f"- {line}" for line in lines) + "\n\n"
+                          + paths["summary_md"].read_text()
+                          + "\nOpen `report/report.html` (artifacts) to see the figure and hear "
+                            "the swaps.\n")
     parent.log_metrics({"finished_runs": float(len(rows)), "failed_trials": float(len(errors))})
     parent.finish("FAILED" if errors else "FINISHED")
     if errors:
         print(f"{len(errors)} trial(s) failed: {errors[0]!r}", file=sys.stderr)
     return {"parent_run_id": parent.run_id, "report": paths, "results": str(out_dir),
-            "tracking_uri": tracking_uri, "errors": len(errors), "runs": len(rows)}
+            "tracking_uri": tracking_uri, "errors": len(errors), "runs": len(rows),
+            "verdict": lines, "split": split,
+            "experiment_id": experiment_id}
+
+
+def final_screen(out: dict, seconds: float) -> str:
+    """The last screen of a sweep: what it shows in words, the files to open, the MLflow UI."""
+    paths, results = out["report"], Path(out["results"])
+    ui = out["tracking_uri"]
+    lines = ["", Path(paths["summary_md"]).read_text(), "",
+             f"== sweep finished in {seconds / 60:.1f} min: {out['runs']} runs, "
+             f"{out['errors']} failed trials ==",
+             f"What it shows ({out['split']} split, checkpoints chosen on val):"]
+    lines += [f"  {line}" for line in out["verdict"]]
+    lines += ["",
+              f"Open first:  {paths['report_html']}   (figure, table, and every model's swaps "
+              "to listen to)",
+              f"Swap audio:  {results / 'report_files'}/*.wav",
+              f"Tables:      {paths['summary_md']}, {paths['summary_csv']}, {paths['trials_csv']}",
+              "Figures:     " + ", ".join(str(p) for k, p in paths.items()
+                                          if k.startswith("figure:"))]
+    if ui.startswith("sqlite:") or ui.startswith("/"):
+        lines += [f"MLflow UI:   mlflow ui --backend-store-uri {ui} --host 127.0.0.1 --port 5000",
+                  f"             then open http://127.0.0.1:5000/#/experiments/"
+                  f"{out['experiment_id']}/runs (choose \"Model training\" if it opens in the "
+                  "GenAI view); the sweep's parent run holds report/report.html"]
+    else:
+        lines += [f"MLflow UI:   {ui.rstrip('/')}/#/experiments/{out['experiment_id']}/runs "
+                  "(choose \"Model training\" if it opens in the GenAI view)"]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -288,16 +342,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print((Path(out["report"]["summary_md"])).read_text())
-    print(f"report: {out['results']} (summary.md, summary.csv, trials.csv, robustness.png), "
-          f"also logged to MLflow run {out['parent_run_id']}")
-    ui = out["tracking_uri"]
-    if ui.startswith("sqlite:") or ui.startswith("/"):
-        print(f"MLflow UI: mlflow ui --backend-store-uri {ui} --host 127.0.0.1 --port 5000")
-    else:
-        print(f"MLflow UI: open {ui}")
-    print(f"sweep finished in {time.time() - t0:.0f} s: {out['runs']} runs, "
-          f"{out['errors']} failed trials", flush=True)
+    print(final_screen(out, time.time() - t0), flush=True)
     return 1 if out["errors"] else 0
 
 

@@ -1,0 +1,262 @@
+"""The sweep's report page: `report.html`, one self-contained file to open first.
+
+It holds the robustness figure(s), the summary table, what the sweep shows in words, and, for each
+model (and z_dim), one example pair of clips of different instruments as audio players with their
+log-mel spectrograms: input A, input B, the reconstruction of A, the global swap decode(z_A, v_B)
+("melody of A, instrument of B") and the local swap decode(z_B, v_A) ("melody of B, instrument of
+A"). Every model hears the same pair, taken from the scored split.
+
+Images and sounds are embedded as data: URIs, so the page needs no network, no JavaScript and no
+sibling files (MLflow previews it as an artifact of the sweep's parent run). The WAV files are also
+written to `report_files/` beside it for download.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tsdsae import features
+
+GRIFFIN_LIM_ITERS = 32
+
+
+def _spectrogram_png(logmel: torch.Tensor, title: str) -> bytes:
+    """PNG bytes of a log-mel (T, F) as an image (time left to right, low mels at the bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.6, 1.5))
+    seconds = logmel.shape[0] * features.HOP / features.SAMPLE_RATE
+    ax.imshow(logmel.T.numpy(), origin="lower", aspect="auto", cmap="magma",
+              extent=(0, seconds, 0, logmel.shape[1]), vmin=-12, vmax=float(logmel.max()))
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("s", fontsize=7, labelpad=1)
+    ax.set_ylabel("mel", fontsize=7, labelpad=1)
+    ax.tick_params(labelsize=6)
+    fig.tight_layout(pad=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _wav_bytes(audio: torch.Tensor) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, audio.detach().cpu().float().clamp(-1, 1).numpy(), features.SAMPLE_RATE,
+             format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def example_pair(split, seed: int = 0) -> tuple[int, int]:
+    """Indices (a, b) of two clips of different instruments in a tsdsae.dataset.Split: a of the
+    first instrument present, b of the next; chosen by `seed`. Raises ValueError when the split
+    holds one instrument only."""
+    labels = split.instrument.cpu().numpy()
+    present = sorted(set(labels.tolist()))
+    if len(present) < 2:
+        raise ValueError("the scored split holds clips of one instrument only; a swap pair "
+                         "needs two instruments")
+    rng = np.random.default_rng(seed)
+    a = int(rng.choice(np.flatnonzero(labels == present[0])))
+    b = int(rng.choice(np.flatnonzero(labels == present[1])))
+    return a, b
+
+
+class _Sound:
+    """One row of a pair table: a label in words, WAV bytes, a spectrogram PNG."""
+
+    def __init__(self, label: str, audio: torch.Tensor, logmel: torch.Tensor, file: str):
+        self.label, self.file = label, file
+        self.wav = _wav_bytes(audio)
+        self.png = _spectrogram_png(logmel, label)
+
+
+@torch.no_grad()
+def model_sounds(checkpoint: str, split, a: int, b: int, names: tuple[str, str],
+                 endpoint_url: str | None = None, prefix: str = "") -> list[_Sound]:
+    """Reconstruction of A, global swap decode(z_A, v_B) and local swap decode(z_B, v_A) of one
+    trained model (posterior means; Griffin-Lim audio at 16 kHz)."""
+    from tsdsae import inference
+
+    m = inference.load(checkpoint, endpoint_url=endpoint_url)
+    idx = torch.tensor([a, b])
+    x, mask = split.features[idx], split.mask[idx]
+    enc = m.encode(x, mask)
+    recon = m.decode(enc.z[:1], enc.v[:1], enc.mask[:1])[0]
+    gswap = m.decode(enc.z[:1], enc.v[1:], enc.mask[:1])[0]      # melody of A, instrument of B
+    lswap = m.decode(enc.z[1:], enc.v[:1], enc.mask[1:])[0]      # melody of B, instrument of A
+    name_a, name_b = names
+    out = []
+    for what, feats, label in (
+            ("recon", recon, f"reconstruction of A ({name_a})"),
+            ("global_swap", gswap, f"global swap: melody of A, instrument of B ({name_b})"),
+            ("local_swap", lswap, f"local swap: melody of B, instrument of A ({name_a})")):
+        audio = m.to_audio(feats, n_iter=GRIFFIN_LIM_ITERS)
+        out.append(_Sound(label, audio, feats.cpu(), f"{prefix}{what}.wav"))
+    return out
+
+
+def _table_html(summary: pd.DataFrame) -> str:
+    from tune.report import MODEL_LABEL
+
+    metrics = [c[:-len("_median")] for c in summary.columns if c.endswith("_median")]
+    head = "".join(f"<th>{html.escape(m)}<br><small>median [min, max]</small></th>" for m in metrics)
+    rows = []
+    for _, r in summary.iterrows():
+        cells = "".join(f"<td>{r[f'{m}_median']:.3f} <small>[{r[f'{m}_min']:.3f}, "
+                        f"{r[f'{m}_max']:.3f}]</small></td>" for m in metrics)
+        n = int(r[f"{metrics[0]}_n"]) if metrics else 0
+        rows.append(f"<tr><td>{html.escape(str(r['dataset']))}</td>"
+                    f"<td>{html.escape(MODEL_LABEL.get(r['model'], str(r['model'])))}</td>"
+                    f"<td>{r['z_dim']}</td><td>{html.escape(str(r['optimiser']))}</td>{cells}"
+                    f"<td>{n}</td></tr>")
+    return ("<table class='summary'><tr><th>dataset</th><th>model</th><th>z_dim</th>"
+            f"<th>optimiser</th>{head}<th>seeds</th></tr>" + "".join(rows) + "</table>")
+
+
+def _sound_rows(sounds: Sequence[_Sound]) -> str:
+    rows = []
+    for s in sounds:
+        rows.append(
+            f"<tr><td class='what'>{html.escape(s.label)}</td>"
+            f"<td><audio controls preload='auto' data-file='{html.escape(s.file)}' "
+            f"src='{_data_uri(s.wav, 'audio/wav')}'></audio><br>"
+            f"<a download='{html.escape(s.file)}' href='report_files/{html.escape(s.file)}'>"
+            f"{html.escape(s.file)}</a></td>"
+            f"<td><img alt='log-mel of {html.escape(s.label)}' "
+            f"src='{_data_uri(s.png, 'image/png')}'></td></tr>")
+    return "<table class='pair'>" + "".join(rows) + "</table>"
+
+
+STYLE = """
+body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+td, th { border: 1px solid #ccc; padding: 4px 8px; font-size: 0.9em; vertical-align: middle; }
+td.what { width: 260px; }
+img.figure { max-width: 100%; border: 1px solid #ddd; }
+.verdict { background: #f4f8f4; border-left: 4px solid #2ca02c; padding: 0.5em 1em; }
+"""
+
+
+def load_split(data_uri: str, split_name: str, endpoint_url: str | None = None,
+               checkpoint: str | None = None):
+    """The scored split of a dataset URI (with audio when stored). For the built-in toy data,
+    the toy settings of `checkpoint`'s run config rebuild the same clips."""
+    if data_uri == "toy":
+        from tsdsae.config import DataConfig
+        from tsdsae.trainer import load_data
+
+        cfg = DataConfig(uri="toy")
+        if checkpoint:
+            from tsdsae import inference
+            cfg = inference.load(checkpoint, endpoint_url=endpoint_url).config.data
+        return load_data(cfg)[split_name]
+    from tsdsae.data import load_dataset
+
+    return load_dataset(data_uri, splits=[split_name], with_audio=True,
+                        endpoint_url=endpoint_url)[split_name]
+
+
+def dataset_section(rows: pd.DataFrame, split, split_name: str, heading: str,
+                    files: Path, endpoint_url: str | None = None, seed: int = 0) -> str:
+    """HTML of one dataset: the example pair's inputs, then one pair table per (model, z_dim)
+    (the first optimiser and seed of that cell that has a checkpoint). WAVs go to `files`."""
+    from tsdsae.evaluate import listen
+    from tune.report import MODEL_LABEL, models_in
+
+    a, b = example_pair(split, seed)
+    names = (split.instruments[int(split.instrument[a])], split.instruments[int(split.instrument[b])])
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in heading)
+    inputs = []
+    for idx, tag, name in ((a, "A", names[0]), (b, "B", names[1])):
+        x, m = split.features[idx], split.mask[idx]
+        audio = (split.audio[idx] if split.audio is not None
+                 else listen(x[None], m[None], GRIFFIN_LIM_ITERS)[0])
+        inputs.append(_Sound(f"input {tag}: {name} ({split.keys[idx]})", audio, x,
+                             f"{slug}_input_{tag}.wav"))
+    parts = [f"<h2>{html.escape(heading)}: the same pair through every model</h2>",
+             _sound_rows(inputs)]
+    with_ckpt = rows.dropna(subset=["checkpoint"]) if "checkpoint" in rows else rows.iloc[:0]
+    for model in models_in(with_ckpt) if len(with_ckpt) else []:
+        for z in sorted(with_ckpt[with_ckpt["model"] == model]["z_dim"].unique()):
+            run = with_ckpt[(with_ckpt["model"] == model) & (with_ckpt["z_dim"] == z)].sort_values(
+                ["optimiser", "seed"]).iloc[0]
+            prefix = f"{slug}_{model}-z{z}-{run['optimiser']}-s{run['seed']}_"
+            sounds = model_sounds(str(run["checkpoint"]), split, a, b, names, endpoint_url,
+                                  prefix)
+            parts.append(
+                f"<h3>{html.escape(MODEL_LABEL.get(model, model))}, z_dim {z} "
+                f"<small>({html.escape(str(run['optimiser']))}, seed {run['seed']})</small></h3>"
+                + _sound_rows(sounds))
+            inputs += sounds
+    if len(parts) == 2:
+        parts.append("<p>No checkpoints were found for these runs.</p>")
+    for s in inputs:
+        (files / s.file).write_bytes(s.wav)
+    return "\n".join(parts)
+
+
+def write_report_page(rows: pd.DataFrame, summary: pd.DataFrame, figures: Sequence[Path],
+                      out_dir: str | Path, split_name: str, title: str,
+                      verdict_lines: Sequence[str], endpoint_url: str | None = None,
+                      seed: int = 0) -> Path:
+    """Write `out_dir/report.html` (and the WAVs in `out_dir/report_files/`); returns its path.
+
+    rows: one row per run (columns dataset, data_uri, model, z_dim, optimiser, seed, checkpoint);
+    per dataset, the first optimiser and seed of each (model, z_dim) with a checkpoint gets a
+    pair table. The pair comes from the scored split `split_name` of each dataset (inputs are
+    the stored recordings, or Griffin-Lim of the features where the dataset has no audio).
+    """
+    out = Path(out_dir)
+    files = out / "report_files"
+    files.mkdir(parents=True, exist_ok=True)
+    sections = []
+    uris = rows["data_uri"].dropna().unique() if "data_uri" in rows else []
+    for uri in uris:
+        sub = rows[rows["data_uri"] == uri]
+        ckpts = sub["checkpoint"].dropna() if "checkpoint" in sub else []
+        split = load_split(uri, split_name, endpoint_url, ckpts.iloc[0] if len(ckpts) else None)
+        sections.append(dataset_section(sub, split, split_name, str(sub["dataset"].iloc[0]),
+                                        files, endpoint_url, seed))
+    figs = "".join(f"<p><img class='figure' alt='robustness figure {html.escape(p.stem)}' "
+                   f"src='{_data_uri(Path(p).read_bytes(), 'image/png')}'></p>" for p in figures)
+    verdict = "".join(f"<li>{html.escape(line)}</li>" for line in verdict_lines)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{STYLE}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<div class="verdict"><p>What this sweep shows (scored on the <b>{html.escape(split_name)}</b> split;
+checkpoints chosen on val):</p><ul>{verdict}</ul></div>
+<h2>Listen</h2>
+<p>A global swap keeps A's melody (the local latent z) and takes B's instrument (the global latent
+v). If v holds the instrument, the global swap sounds like B's instrument playing A's melody and the
+local swap like A's instrument playing B's melody. Inputs are the {html.escape(split_name)}-split
+recordings; model outputs are decoded log-mels heard through Griffin-Lim.</p>
+{''.join(sections) or '<p>No runs to listen to.</p>'}
+<h2>Robustness over seeds</h2>
+<p>pre_swap / gswap / lswap: macro-F1 of the instrument read from v (LDA) after reconstruction,
+global swap and local swap. 1: v alone sets the instrument. Near 0: the instrument follows z (the
+global latent collapsed). rpa_*: CREPE raw pitch accuracy against the input (pitch must follow
+z).</p>
+{figs}
+{_table_html(summary)}
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

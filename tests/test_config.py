@@ -76,6 +76,13 @@ def test_evaluation_settings_are_their_own_section_and_default_to_test():
         apply_overrides(cfg, ["eval.split=dev"])
     with pytest.raises(ValueError, match="eval.crepe_model"):
         apply_overrides(cfg, ["eval.crepe_model=huge"])
-    for old in ("data.eval_split=val", "tracking.pitch=false"):     # the keys moved to eval.*
-        with pytest.raises(ValueError, match="unknown config key"):
-            apply_overrides(cfg, [old])
+    for old, new in (("data.eval_split", "eval.split"), ("tracking.pitch", "eval.pitch")):
+        with pytest.raises(ValueError, match=f"'{old}' is now '{new}'"):
+            apply_overrides(cfg, [f"{old}=val"])
+    # a configuration stored under the old names (an older checkpoint) still loads
+    stored = {k: v for k, v in to_flat(cfg).items() if not k.startswith("eval.")}
+    stored.update({"data.eval_split": "val", "tracking.pitch": False,
+                   "tracking.crepe_model": "tiny", "tracking.pitch_clips": 4})
+    loaded = from_flat(stored)
+    assert loaded.eval == type(cfg.eval)(split="val", pitch=False, crepe_model="tiny",
+                                         pitch_clips=4)

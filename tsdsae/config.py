@@ -333,10 +333,20 @@ def _set_many(cfg, items: list[tuple[list[str], typing.Any, str]]):
     return dataclasses.replace(cfg, **direct) if direct else cfg
 
 
+# Keys that moved to another section: stored configurations (checkpoints) that use the old name
+# still load through from_flat; an override with the old name is refused, naming the new one.
+MOVED_KEYS = {"data.eval_split": "eval.split", "tracking.pitch": "eval.pitch",
+              "tracking.crepe_model": "eval.crepe_model", "tracking.pitch_clips": "eval.pitch_clips"}
+
+
 def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
     """Apply "a.b=value" strings or a {"a.b": value} mapping; the result is re-validated."""
-    items = overrides.items() if isinstance(overrides, dict) else [
-        _split_override(o) for o in overrides]
+    items = list(overrides.items() if isinstance(overrides, dict) else [
+        _split_override(o) for o in overrides])
+    for key, _ in items:
+        if key in MOVED_KEYS:
+            raise ValueError(f"config key {key!r} is now {MOVED_KEYS[key]!r}; "
+                             f"use {MOVED_KEYS[key]}=...")
     return _set_many(cfg, [(key.split("."), raw, key) for key, raw in items])
 
 
@@ -348,4 +358,7 @@ def _split_override(text: str) -> tuple[str, str]:
 
 
 def from_flat(flat: dict[str, typing.Any], base: RunConfig | None = None) -> RunConfig:
-    return apply_overrides(base or RunConfig(), flat)
+    """The RunConfig of dotted keys (to_flat's form, e.g. a checkpoint's "config") over `base`;
+    keys of MOVED_KEYS are read under their new names."""
+    return apply_overrides(base or RunConfig(),
+                           {MOVED_KEYS.get(k, k): v for k, v in flat.items()})

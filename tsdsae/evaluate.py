@@ -139,7 +139,6 @@ def _stack_tracks(tracks):
                       np.concatenate([t.periodicity for t in tracks]), tracks[0].times)
 
 
-@torch.no_grad()
 def missing_split_fix(split: str) -> str:
     """What to do when a dataset lacks the evaluation split `split` (one clause)."""
     other = "val" if split != "val" else "test"
@@ -168,6 +167,7 @@ def check_eval_split(cfg: RunConfig) -> None:
                                 missing_split_fix(cfg.eval.split))
 
 
+@torch.no_grad()
 def evaluate(model: DSAE, data: Dataset, split: str = "test", seed: int = 0,
              device: str | torch.device = "cpu", batch: int = 256, pitch: bool = False,
              crepe_model: str = "full", pitch_clips: int | None = None,

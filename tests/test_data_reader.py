@@ -249,10 +249,11 @@ def test_s3_round_trip_through_moto(small_dmelodies, s3_server, tmp_path):
     assert time.monotonic() - start < 2
 
     assert verify_dataset(uri, endpoint_url=endpoint).ok
-    assert load_manifest(uri, endpoint)["num_samples"] == 16
+    assert load_manifest(uri, endpoint)["num_samples"] == 24
     remote = load_dataset(uri, endpoint_url=endpoint, with_audio=True)
     local = load_dataset(small_dmelodies, with_audio=True)
-    for split in ("train", "val"):
+    assert list(remote) == list(local) == ["train", "val", "test"]
+    for split in local:
         assert remote[split].keys == local[split].keys
         assert torch.equal(remote[split].features, local[split].features)
         assert torch.equal(remote[split].audio, local[split].audio)

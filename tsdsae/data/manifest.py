@@ -75,9 +75,14 @@ def load_manifest(uri: str | os.PathLike, endpoint_url: str | None = None) -> di
     return manifest
 
 
+SPLIT_ORDER = ("train", "val", "test")
+
+
 def split_names(manifest: dict) -> list[str]:
-    """The splits the manifest holds samples for, in manifest order."""
-    return [name for name, info in manifest["splits"].items() if info.get("num_samples", 0) > 0]
+    """The splits the manifest holds samples for: train, val, test first (in that order, the
+    manifest may list them sorted), then any other in manifest order."""
+    have = [name for name, info in manifest["splits"].items() if info.get("num_samples", 0) > 0]
+    return sorted(have, key=lambda name: (SPLIT_ORDER + (name,)).index(name))
 
 
 def shard_urls(uri: str, manifest: dict, split: str,

@@ -290,7 +290,7 @@ def test_verify_cli_names_the_bad_shard_and_key(small_dmelodies, tmp_path, capsy
     capsys.readouterr()
     assert verify_main([str(bad)]) == 1
     err = capsys.readouterr().err
-    assert "3 of 4 shards failed" in err
+    assert "3 of 6 shards failed" in err
     assert "train-000001.tar: sha256 differs" in err
     assert "val-000000.tar" in err and "truncated" in err
     assert f"train-000002.tar key {key}: undecodable {key}.npy" in err

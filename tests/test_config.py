@@ -59,3 +59,30 @@ def test_keys_checked_together_can_change_together():
     cfg = apply_overrides(paper(), {"schedule.switch_epoch": 5000, "schedule.max_epochs": 9000})
     assert (cfg.schedule.switch_epoch, cfg.schedule.max_epochs) == (5000, 9000)
     assert from_flat(to_flat(cfg)) == cfg
+
+
+def test_evaluation_settings_are_their_own_section_and_default_to_test():
+    cfg = paper()
+    assert (cfg.eval.split, cfg.eval.pitch, cfg.eval.crepe_model, cfg.eval.pitch_clips) == (
+        "test", True, "full", 32)
+    # independent of tracking: switching tracking off leaves the evaluation as it is
+    off = apply_overrides(cfg, ["tracking.enabled=false"])
+    assert off.eval == cfg.eval
+    flat = to_flat(cfg)
+    assert flat["eval.split"] == "test" and "data.eval_split" not in flat
+    assert not any(k.startswith("tracking.") and "pitch" in k for k in flat)
+    assert apply_overrides(cfg, ["eval.split=val"]).eval.split == "val"
+    with pytest.raises(ValueError, match="eval.split='dev'.*test"):
+        apply_overrides(cfg, ["eval.split=dev"])
+    with pytest.raises(ValueError, match="eval.crepe_model"):
+        apply_overrides(cfg, ["eval.crepe_model=huge"])
+    for old, new in (("data.eval_split", "eval.split"), ("tracking.pitch", "eval.pitch")):
+        with pytest.raises(ValueError, match=f"'{old}' is now '{new}'"):
+            apply_overrides(cfg, [f"{old}=val"])
+    # a configuration stored under the old names (an older checkpoint) still loads
+    stored = {k: v for k, v in to_flat(cfg).items() if not k.startswith("eval.")}
+    stored.update({"data.eval_split": "val", "tracking.pitch": False,
+                   "tracking.crepe_model": "tiny", "tracking.pitch_clips": 4})
+    loaded = from_flat(stored)
+    assert loaded.eval == type(cfg.eval)(split="val", pitch=False, crepe_model="tiny",
+                                         pitch_clips=4)

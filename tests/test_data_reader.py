@@ -1,13 +1,15 @@
-"""tsdsae.data: in-memory and streaming reads of real shards, local and over S3 (moto)."""
+"""tsdsae.data: reads of real shards (tarfile + every check), local and over S3 (moto)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,8 +17,8 @@ from conftest import SMALL_DMELODIES, free_port
 from data_prep.dmelodies import prepare_dmelodies
 from data_prep.shards import tar_bytes
 from data_prep.verify import verify_dataset
-from tsdsae.data import (ShardError, collate_samples, frame_notes, is_dataset_uri, load_dataset,
-                         load_manifest, stream_split)
+from tsdsae.data import (MissingSplitError, ShardError, frame_notes, is_dataset_uri,
+                         iter_shard_samples, iter_split_samples, load_dataset, load_manifest)
 from tsdsae.dataset import Dataset
 from tsdsae.storage import StorageError, open_store
 from test_data_prep import corrupt_member
@@ -34,6 +36,21 @@ def test_frame_notes_uses_frame_times():
     assert (frame_notes([], 5) == -1).all()
 
 
+def without_test_split(src, dst, listed_empty: bool = False):
+    """A copy of dataset `src` at `dst` as if prepared with train and val only: the test shards
+    are gone and the manifest lists no test split (or, with `listed_empty`, an empty one)."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "dataset.json").read_text())
+    test = manifest["splits"].pop("test")
+    for entry in test["shards"]:
+        (dst / entry["name"]).unlink()
+    if listed_empty:
+        manifest["splits"]["test"] = {**test, "num_samples": 0, "shards": []}
+    manifest["num_samples"] -= test["num_samples"]
+    (dst / "dataset.json").write_text(json.dumps(manifest))
+    return dst
+
+
 def test_load_dataset_is_the_toy_form(small_dmelodies):
     assert is_dataset_uri(small_dmelodies) and is_dataset_uri(small_dmelodies / "dataset.json")
     assert is_dataset_uri("s3://bucket/prefix") and not is_dataset_uri("toy")
@@ -46,65 +63,47 @@ def test_load_dataset_is_the_toy_form(small_dmelodies):
     only_val = load_dataset(small_dmelodies, splits=["val"])
     assert list(only_val) == ["val"]
     assert torch.equal(only_val["val"].features, data["val"].features)
-    with pytest.raises(KeyError, match="no split 'bogus'"):
+    with pytest.raises(MissingSplitError, match="has no 'bogus' split"):
         load_dataset(small_dmelodies, splits=["bogus"])
 
 
-def test_streaming_matches_memory_and_shuffles_reproducibly(small_dmelodies):
-    memory = load_dataset(small_dmelodies)["train"]
-    by_key = {k: i for i, k in enumerate(memory.keys)}
-    stream = stream_split(small_dmelodies, "train", shuffle=True, seed=5, shuffle_buffer=8)
-    assert len(stream) == 12
-    items = list(stream)
-    assert sorted(it["key"] for it in items) == sorted(memory.keys)
-    for it in items:
-        i = by_key[it["key"]]
-        assert torch.equal(it["features"], memory.features[i])
-        assert torch.equal(it["notes"], memory.notes[i])
-        assert it["instrument"] == int(memory.instrument[i]) and it["mask"].all()
-    order = [it["key"] for it in items]
-    assert [it["key"] for it in stream] != order                 # each pass reshuffles
-    stream.set_epoch(0)
-    assert [it["key"] for it in stream] == order                 # reproducible per epoch
-    assert [it["key"] for it in stream] == order
-    stream.set_epoch(1)
-    assert [it["key"] for it in stream] != order
-    plain = [it["key"] for it in stream_split(small_dmelodies, "train", shuffle=False)]
-    assert plain == memory.keys                                  # unshuffled = manifest order
+def test_split_samples_come_one_shard_at_a_time_in_manifest_order(small_dmelodies):
+    memory = load_dataset(small_dmelodies, with_audio=True)["val"]
+    items = list(iter_split_samples(small_dmelodies, "val", with_audio=True))
+    assert [it["key"] for it in items] == memory.keys
+    for i, it in enumerate(items):
+        assert torch.equal(torch.from_numpy(it["features"]), memory.features[i])
+        assert torch.equal(torch.from_numpy(it["audio"]), memory.audio[i])
+    with pytest.raises(MissingSplitError, match="no 'bogus' split"):
+        next(iter_split_samples(small_dmelodies, "bogus"))
 
 
-def test_streaming_with_dataloader_workers_and_ranks(small_dmelodies, monkeypatch):
-    stream = stream_split(small_dmelodies, "train", seed=0)
-    loader = torch.utils.data.DataLoader(stream, batch_size=5, num_workers=2,
-                                         collate_fn=collate_samples)
-    batches = list(loader)
-    keys = [k for b in batches for k in b["keys"]]
-    assert sorted(keys) == sorted(load_dataset(small_dmelodies)["train"].keys)
-    first = batches[0]
-    assert first["features"].shape[1:] == (251, 80) and first["mask"].dtype == torch.bool
-    assert first["notes"].shape == first["mask"].shape and first["instrument"].dtype == torch.int64
-    # Two ranks (as under DDP / Ray Train) see disjoint shards that cover the split.
-    seen = []
-    for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        seen.append({it["key"] for it in stream_split(small_dmelodies, "train", seed=0)})
-    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 12
+@pytest.mark.parametrize("listed_empty", [False, True])
+def test_datasets_with_and_without_a_test_split(small_dmelodies, tmp_path, listed_empty):
+    three = load_dataset(small_dmelodies)
+    assert list(three) == ["train", "val", "test"] and len(three["test"]) == 4
+    assert not set(three["test"].keys) & (set(three["train"].keys) | set(three["val"].keys))
+    two_root = without_test_split(small_dmelodies, tmp_path / "two", listed_empty)
+    two = load_dataset(two_root)
+    assert list(two) == ["train", "val"]
+    for name in ("train", "val"):
+        assert two[name].keys == three[name].keys
+        assert torch.equal(two[name].features, three[name].features)
+    with pytest.raises(MissingSplitError) as err:
+        two["test"]
+    assert str(err.value) == "dataset 'dmelodies' has no 'test' split (it has train, val)"
+    assert isinstance(err.value, KeyError) and isinstance(err.value, ValueError)
+    with pytest.raises(MissingSplitError, match="no 'test' split"):
+        load_dataset(two_root, splits=["test"])
+    assert verify_dataset(str(two_root)).ok
 
 
-def test_collate_pads_and_masks():
-    # StreamingSplit items already hold zeros on their own masked frames; collate pads the rest.
-    items = [{"key": "a", "features": torch.tensor([[1.0] * 4, [1.0] * 4, [0.0] * 4]),
-              "mask": torch.tensor([1, 1, 0]).bool(),
-              "notes": torch.tensor([60, 61, -1]), "instrument": 1},
-             {"key": "b", "features": torch.ones(2, 4), "mask": torch.ones(2, dtype=torch.bool),
-              "notes": torch.tensor([62, 62]), "instrument": 0}]
-    batch = collate_samples(items)
-    assert batch["features"].shape == (2, 3, 4)
-    assert batch["mask"].tolist() == [[True, True, False], [True, True, False]]
-    assert batch["features"][0, 2].abs().sum() == 0 and batch["features"][1, 2].abs().sum() == 0
-    assert batch["notes"].tolist() == [[60, 61, -1], [62, 62, -1]]
-    assert batch["instrument"].tolist() == [1, 0] and batch["keys"] == ["a", "b"]
+def test_importing_the_reader_changes_no_global_state():
+    # Nothing registers itself anywhere on import: webdataset (with its global URL-scheme
+    # table) is not even imported, nor are boto3, mlflow or ray.
+    code = ("import sys, tsdsae.data; "
+            "sys.exit(sum(m in sys.modules for m in ('webdataset', 'boto3', 'mlflow', 'ray')))")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 def _rewrite_shard(root, name: str, edit) -> None:
@@ -130,14 +129,14 @@ def test_corrupt_shards_fail_clearly_in_every_reader(small_dmelodies, tmp_path):
     with pytest.raises(ShardError, match="train-000001.tar.*sha256|train-000001.tar.*undecodable"):
         load_dataset(bad)
     with pytest.raises(ShardError, match="train-000001.tar"):
-        list(stream_split(bad, "train", shuffle=False))
+        list(iter_split_samples(bad, "train"))
     # With a matching checksum, decoding still catches it, naming the key, everywhere alike.
     _rewrite_shard(bad, "train-000001.tar", lambda members: members)
     expected = f"train-000001.tar, sample '{key}': undecodable {key}.npy"
     with pytest.raises(ShardError, match=expected):
         load_dataset(bad)
     with pytest.raises(ShardError, match=expected):
-        list(stream_split(bad, "train", shuffle=False))
+        list(iter_split_samples(bad, "train"))
     report = verify_dataset(str(bad))
     assert [(f["key"], f["problem"].split(" (")[0]) for f in report.failures] == [
         (key, f"undecodable {key}.npy")]
@@ -150,7 +149,7 @@ def test_pickles_and_odd_member_names_are_refused(small_dmelodies, tmp_path):
     payload = pickle.dumps({"boom": 1})
     _rewrite_shard(bad, "val-000000.tar",
                    lambda members: members[:3] + [("evil.pyd", payload)] + members[3:])
-    for read in (lambda: load_dataset(bad), lambda: list(stream_split(bad, "val"))):
+    for read in (lambda: load_dataset(bad), lambda: list(iter_split_samples(bad, "val"))):
         with pytest.raises(ShardError, match="unexpected tar member 'evil.pyd'"):
             read()
     _rewrite_shard(bad, "val-000000.tar",
@@ -158,6 +157,69 @@ def test_pickles_and_odd_member_names_are_refused(small_dmelodies, tmp_path):
                                     if not n.endswith(".pyd")])
     with pytest.raises(ShardError, match=r"unexpected tar member '\.\./dmel_"):
         load_dataset(bad)
+
+
+def _shard_and_entry(root, name="val-000000.tar"):
+    manifest = json.loads((root / "dataset.json").read_text())
+    entry = next(e for info in manifest["splits"].values() for e in info["shards"]
+                 if e["name"] == name)
+    return (root / name).read_bytes(), entry
+
+
+def _problem(data, entry=None):
+    with pytest.raises(ShardError) as err:
+        list(iter_shard_samples(data, entry, "s.tar"))
+    return err.value.problem
+
+
+def test_every_tar_check_names_its_problem(small_dmelodies):
+    data, entry = _shard_and_entry(small_dmelodies)
+    assert [s["__key__"] for s in iter_shard_samples(data, entry, "s.tar")] == [
+        m.split(".")[0] for m in tarfile.open(fileobj=io.BytesIO(data)).getnames()[::3]]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    second = members[1].offset                     # the second member's header
+    # cut inside a member, cut exactly before a header, a damaged header, not a tar at all
+    assert _problem(data[:members[2].offset_data + 100]).startswith("truncated: member")
+    assert _problem(data[:second]) == (f"truncated: the tar ends at byte {second} without an "
+                                       "end-of-archive block")
+    damaged = bytearray(data)
+    damaged[second + 10] ^= 0xFF                   # the header checksum no longer matches
+    assert _problem(bytes(damaged)) == f"corrupt tar header at byte {second}"
+    assert _problem(b"").startswith("not a readable tar archive")
+    import gzip
+    assert _problem(gzip.compress(data)).startswith("not a readable tar archive")
+    # against the manifest entry: count, size, sha256 (a changed byte in the end padding)
+    n = entry["num_samples"]
+    assert _problem(data, dict(entry, num_samples=n + 1)) == f"{n} samples, the manifest says {n + 1}"
+    assert _problem(data, dict(entry, size=len(data) + 1)).startswith(
+        f"truncated: {len(data)} bytes")
+    padded = bytearray(data)
+    padded[-1] = 1
+    assert _problem(bytes(padded), entry).startswith("sha256 differs")
+    assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+
+
+def test_links_directories_duplicates_and_incomplete_samples_are_refused(small_dmelodies):
+    data, _ = _shard_and_entry(small_dmelodies)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    for kind in (tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE, tarfile.CHRTYPE):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            link = tarfile.TarInfo(members[0][0])
+            link.type, link.linkname = kind, "/etc/passwd"
+            tar.addfile(link)
+        assert _problem(buf.getvalue()) == (f"unexpected tar member {members[0][0]!r} "
+                                            "(not a regular file)")
+    assert _problem(tar_bytes(members[:3] + [members[2]] + members[3:])).startswith(
+        "duplicate member")
+    assert _problem(tar_bytes(members[1:])) == "sample lacks .flac"
+    # long names go through tarfile's pax/GNU handling and are still checked as names
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(tarfile.TarInfo("x" * 200 + ".npy"), io.BytesIO(b""))
+    assert _problem(buf.getvalue()) == f"unexpected tar member {'x' * 200 + '.npy'!r}"
 
 
 def test_missing_dataset_errors_are_clear(tmp_path, s3_server):
@@ -173,8 +235,6 @@ def test_missing_dataset_errors_are_clear(tmp_path, s3_server):
 
 
 def test_s3_round_trip_through_moto(small_dmelodies, s3_server, tmp_path):
-    import webdataset as wds
-
     bucket = s3_server.make_bucket("data")
     uri = f"s3://{bucket}/dmelodies"
     endpoint = s3_server.endpoint_url
@@ -189,26 +249,14 @@ def test_s3_round_trip_through_moto(small_dmelodies, s3_server, tmp_path):
     assert time.monotonic() - start < 2
 
     assert verify_dataset(uri, endpoint_url=endpoint).ok
-    assert load_manifest(uri, endpoint)["num_samples"] == 16
+    assert load_manifest(uri, endpoint)["num_samples"] == 24
     remote = load_dataset(uri, endpoint_url=endpoint, with_audio=True)
     local = load_dataset(small_dmelodies, with_audio=True)
-    for split in ("train", "val"):
+    assert list(remote) == list(local) == ["train", "val", "test"]
+    for split in local:
         assert remote[split].keys == local[split].keys
         assert torch.equal(remote[split].features, local[split].features)
         assert torch.equal(remote[split].audio, local[split].audio)
 
-    stream = stream_split(uri, "train", endpoint_url=endpoint, with_audio=True)
-    loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2,
-                                         collate_fn=collate_samples)
-    batches = list(loader)
-    assert sorted(k for b in batches for k in b["keys"]) == sorted(local["train"].keys)
-    assert batches[0]["audio"].shape == (4, 64_000)
-
-    # Plain WebDataset can read s3:// URLs too, through the registered boto3 handler.
-    from tsdsae.data import register_s3_gopen
-    register_s3_gopen(endpoint)
-    urls = [f"{uri}/train-00000{i}.tar" for i in range(3)]
-    raw = list(wds.WebDataset(urls, shardshuffle=False).decode(post=[]))
-    assert len(raw) == 12
-    first = np.load(io.BytesIO(raw[0]["npy"]), allow_pickle=False)
-    assert first.shape == (251, 80)
+    assert [it["key"] for it in iter_split_samples(uri, "val", endpoint_url=endpoint)] \
+        == local["val"].keys

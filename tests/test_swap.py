@@ -46,9 +46,9 @@ def test_swap_cli_writes_wavs_and_a_grid_from_files(checkpoint_path, wavs, tmp_p
 
 
 def test_swap_cli_takes_dataset_samples(checkpoint_path, small_dmelodies, tmp_path):
-    from tsdsae.data import load_manifest, stream_split
+    from tsdsae.data import iter_split_samples, load_manifest
 
-    keys = {split: next(iter(stream_split(small_dmelodies, split, shuffle=False)))["key"]
+    keys = {split: next(iter_split_samples(small_dmelodies, split))["key"]
             for split in ("train", "val")}
     assert load_manifest(small_dmelodies)["clip_seconds"] == 4.0
     rc = swap.main(["--checkpoint", checkpoint_path,

@@ -35,9 +35,9 @@ fixed:
   schedule.patience: 3
   checkpoint.every: 1
   tracking.figures: true
-  tracking.pitch: true
-  tracking.crepe_model: tiny
-  tracking.pitch_clips: 4
+  eval.pitch: true
+  eval.crepe_model: tiny
+  eval.pitch_clips: 4
 """
 
 

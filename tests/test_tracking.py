@@ -142,3 +142,37 @@ def test_default_store_is_a_sqlite_file_in_the_working_directory(tmp_path, monke
     assert tracker.uri == f"sqlite:///{tmp_path}/mlflow.db" and (tmp_path / "mlflow.db").is_file()
     (run,) = tracking.find_runs(tracker.uri, "tsdsae", "runs/local")
     assert run.data.metrics["val_loss"] == 3.0 and run.info.status == "FINISHED"
+
+
+def test_the_evaluation_is_the_same_with_tracking_on_or_off(mlflow_server):
+    """The pitch metric and the split scored follow cfg.eval, not the logging switch; MLflow
+    gets the test split as eval_*, the val split beside it as val_*, and the split's name."""
+    import math
+
+    import torch
+
+    from tsdsae.model.dsae import DSAE
+    from tsdsae.toy import make_toy_dataset
+
+    data = make_toy_dataset(n_clips=24, seconds=1.0, seed=1)
+    overrides = ["eval.pitch=true", "eval.crepe_model=tiny", "eval.pitch_clips=2"]
+    cfg_on = _cfg(mlflow_server.uri, _experiment(), *overrides)
+    cfg_off = apply_overrides(cfg_on, ["tracking.enabled=false"])
+    torch.manual_seed(0)
+    model = DSAE(cfg_on.model)
+    result = {"best_epoch": 3, "best_val": 1.5, "epochs_run": 4}
+    off = tracking.evaluate_and_log(tracking.start_run(cfg_off, "runs/off"), cfg_off, model,
+                                    data, result)
+    tracker = tracking.start_run(cfg_on, "runs/on")
+    on = tracking.evaluate_and_log(tracker, cfg_on, model, data, result)
+    tracker.finish()
+    same = lambda a, b: a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))  # noqa: E731
+    assert on.keys() == off.keys() and all(same(on[k], off[k]) for k in on)
+    assert {"rpa_recon", "rpa_gswap", "rpa_lswap", "val_gswap"} <= set(on)
+    assert on["split"] == "test" and on["n_eval"] == len(data["test"])
+    run = mlflow_server.client().get_run(tracker.run_id)
+    metrics = run.data.metrics
+    assert metrics["eval_gswap"] == on["gswap"] and metrics["val_gswap"] == on["val_gswap"]
+    assert metrics["eval_n_eval"] == len(data["test"]) and "eval_val_gswap" not in metrics
+    assert run.data.tags[tracking.EVAL_SPLIT_TAG] == "test"
+    assert run.data.params["eval.split"] == "test"

@@ -12,6 +12,23 @@ from typing import Iterator
 import torch
 
 
+class MissingSplitError(KeyError, ValueError):
+    """A dataset has no split of that name. One-line message: the dataset, the missing split,
+    the splits it has, and `fix` (what to do) when given. A KeyError (a missing name) and a
+    ValueError (a bad setting) alike, so either kind of handler reports it."""
+
+    def __init__(self, dataset: str, split: str, available, fix: str | None = None):
+        self.dataset, self.split, self.available = dataset, split, sorted(available)
+        have = ", ".join(self.available) or "none"
+        self.message = f"dataset {dataset} has no {split!r} split (it has {have})"
+        if fix:
+            self.message += f"; {fix}"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:                      # KeyError would quote the message
+        return self.message
+
+
 @dataclasses.dataclass
 class Split:
     """One split of a dataset, padded to a common length T.
@@ -72,8 +89,7 @@ class Dataset:
 
     def __getitem__(self, split: str) -> Split:
         if split not in self.splits:
-            raise KeyError(f"dataset {self.name!r} has no split {split!r}; "
-                           f"it has {sorted(self.splits)}")
+            raise MissingSplitError(repr(self.name), split, self.splits)
         return self.splits[split]
 
     def __iter__(self) -> Iterator[str]:

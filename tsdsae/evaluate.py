@@ -9,6 +9,11 @@
      lswap     decode(z_j, v_i)  -> y_i   (the local latent must not)
 F1 near 1 means v alone sets the instrument; near 0 means the instrument follows z (collapse).
 
+Checkpoints are chosen on the validation split; the split scored and reported is `eval.split`
+(default test, METHOD s5: not the split that chose the checkpoint). `evaluate_run` is what the
+end of a run does: the evaluation split (with the pitch metric per the eval config) plus the
+validation split's LDA scores beside it, as val_pre_swap / val_gswap / val_lswap.
+
 Optionally (`pitch=True`) the local latent too, with the same pairs: raw pitch accuracy
 (tsdsae.pitch, CREPE f0, 50 cents) of Griffin-Lim audio against Griffin-Lim audio of the input
 whose z was decoded:
@@ -29,8 +34,11 @@ from sklearn.metrics import f1_score
 
 from tsdsae import features
 from tsdsae.cli import cli_main
-from tsdsae.dataset import Dataset, Split
+from tsdsae.config import EvalConfig, RunConfig
+from tsdsae.dataset import Dataset, MissingSplitError, Split
 from tsdsae.model.dsae import DSAE
+
+LDA_SCORES = ("pre_swap", "gswap", "lswap")
 
 
 @torch.no_grad()
@@ -132,16 +140,47 @@ def _stack_tracks(tracks):
                       np.concatenate([t.periodicity for t in tracks]), tracks[0].times)
 
 
+def missing_split_fix(split: str) -> str:
+    """What to do when a dataset lacks the evaluation split `split` (one clause)."""
+    other = "val" if split != "val" else "test"
+    return (f"score another split with eval.split={other} (tsdsae.evaluate: --split {other}), "
+            f"or prepare the dataset again with a {split} split")
+
+
+def require_split(data: Dataset, split: str) -> None:
+    """Raise MissingSplitError (one line: the dataset, the missing split, the fix) unless
+    `data` has `split`."""
+    if split not in data.splits:
+        raise MissingSplitError(repr(data.name), split, data.splits, missing_split_fix(split))
+
+
+def check_eval_split(cfg: RunConfig) -> None:
+    """Before training: raise MissingSplitError when the configured dataset has no
+    `cfg.eval.split` (read from the manifest; the toy dataset always has train/val/test), so a
+    run does not train for hours and then fail to evaluate."""
+    if cfg.data.uri == "toy":
+        return
+    from tsdsae.data import load_manifest, split_names
+
+    have = split_names(load_manifest(cfg.data.uri, cfg.data.endpoint_url or None))
+    if cfg.eval.split not in have:
+        raise MissingSplitError(cfg.data.uri, cfg.eval.split, have,
+                                missing_split_fix(cfg.eval.split))
+
+
 @torch.no_grad()
-def evaluate(model: DSAE, data: Dataset, split: str = "val", seed: int = 0,
+def evaluate(model: DSAE, data: Dataset, split: str = "test", seed: int = 0,
              device: str | torch.device = "cpu", batch: int = 256, pitch: bool = False,
              crepe_model: str = "full", pitch_clips: int | None = None,
              progress: bool = False) -> dict[str, float]:
     """Returns {"pre_swap": f1, "gswap": f1, "lswap": f1, "lda_train_acc": acc, "n_eval": N}.
 
-    With `pitch`, also rpa_recon, rpa_gswap, rpa_lswap, rpa_n_clips (see `pitch_metrics`;
-    `crepe_model` 'full' as in the paper or 'tiny', `pitch_clips` to bound the cost).
+    The LDA is fitted on the train split and `split` is scored (MissingSplitError when the
+    dataset lacks it). With `pitch`, also rpa_recon, rpa_gswap, rpa_lswap, rpa_n_clips (see
+    `pitch_metrics`; `crepe_model` 'full' as in the paper or 'tiny', `pitch_clips` to bound the
+    cost).
     """
+    require_split(data, split)
     model = model.to(device).eval()
     train, ev = data["train"], data[split]
     lda = LinearDiscriminantAnalysis()
@@ -176,6 +215,21 @@ def evaluate(model: DSAE, data: Dataset, split: str = "val", seed: int = 0,
     return result
 
 
+def evaluate_run(model: DSAE, data: Dataset, cfg: EvalConfig,
+                 device: str | torch.device = "cpu", progress: bool = False) -> dict:
+    """The end-of-run evaluation, whatever the tracking: `evaluate` on `cfg.split` (with the
+    pitch metric when `cfg.pitch`), its name as "split", and, when that split is not val, the
+    validation split's LDA scores as val_pre_swap, val_gswap, val_lswap."""
+    scores: dict = {"split": cfg.split}
+    scores.update(evaluate(model, data, cfg.split, device=device, pitch=cfg.pitch,
+                           crepe_model=cfg.crepe_model, pitch_clips=cfg.pitch_clips or None,
+                           progress=progress))
+    if cfg.split != "val" and "val" in data.splits:
+        val = evaluate(model, data, "val", device=device)
+        scores.update({f"val_{k}": val[k] for k in LDA_SCORES})
+    return scores
+
+
 @cli_main
 def main(argv=None) -> int:
     from tsdsae import checkpoint
@@ -187,7 +241,8 @@ def main(argv=None) -> int:
         description="LDA macro-F1 of a checkpoint before and after global/local swaps (JSON).")
     p.add_argument("checkpoint", help="checkpoint path or s3:// URI (e.g. runs/NAME/best.pt)")
     p.add_argument("--data", default=None, help="dataset URI (default: the checkpoint's own)")
-    p.add_argument("--split", default=None, help="evaluation split (default: data.eval_split)")
+    p.add_argument("--split", default=None,
+                   help="evaluation split (default: the run's eval.split, normally test)")
     p.add_argument("--seed", type=int, default=0, help="seed of the different-instrument pairing")
     p.add_argument("--device", default="auto")
     p.add_argument("--pitch", action="store_true",
@@ -204,10 +259,14 @@ def main(argv=None) -> int:
     model = DSAE(cfg.model)
     checkpoint.restore_model(model, state, args.checkpoint)
     device = resolve_device(args.device)
-    result = evaluate(model, load_data(cfg.data), args.split or cfg.data.eval_split, args.seed,
-                      device, pitch=args.pitch, crepe_model=args.crepe_model,
-                      pitch_clips=args.pitch_clips, progress=True)
-    print(json.dumps(result))
+    data = load_data(cfg.data)
+    split = args.split or cfg.eval.split
+    require_split(data, split)
+    print(f"scoring the {split} split of {data.name} ({len(data[split])} clips; LDA fitted on "
+          f"train)", file=sys.stderr)
+    result = evaluate(model, data, split, args.seed, device, pitch=args.pitch,
+                      crepe_model=args.crepe_model, pitch_clips=args.pitch_clips, progress=True)
+    print(json.dumps({"split": split, **result}))
     return 0
 
 

@@ -35,12 +35,24 @@ def num_frames(num_samples: int) -> int:
     return 1 + num_samples // HOP
 
 
+# Entries of FEATURE_PARAMS that are not torchaudio.transforms.MelSpectrogram arguments: the
+# window by name (the transform takes a function) and the log applied after it (log_mel).
+_WINDOWS = {"hann": torch.hann_window}
+_NOT_TRANSFORM_ARGS = ("window", "log")
+
+
+def mel_spectrogram(params: dict = FEATURE_PARAMS) -> torchaudio.transforms.MelSpectrogram:
+    """The power mel spectrogram transform of a FEATURE_PARAMS-style dict (audio (..., S) ->
+    (..., n_mels, T)): every entry but `window` and `log` is passed to torchaudio as it is, so
+    the recorded parameters and the transform cannot drift apart. KeyError for an unknown
+    window name."""
+    args = {k: v for k, v in params.items() if k not in _NOT_TRANSFORM_ARGS}
+    return torchaudio.transforms.MelSpectrogram(window_fn=_WINDOWS[params["window"]], **args)
+
+
 @functools.lru_cache(maxsize=4)
 def _mel(device: str) -> torchaudio.transforms.MelSpectrogram:
-    return torchaudio.transforms.MelSpectrogram(
-        sample_rate=SAMPLE_RATE, n_fft=N_FFT, win_length=N_FFT, hop_length=HOP, f_min=F_MIN,
-        f_max=F_MAX, n_mels=N_MELS, window_fn=torch.hann_window, power=2.0, center=True,
-        pad_mode="reflect", norm=None, mel_scale="htk").to(device)
+    return mel_spectrogram().to(device)
 
 
 def peak_normalise(audio: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -71,11 +83,13 @@ def log_mel(audio: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=2)
 def _inverse(device: str, n_iter: int):
+    p = FEATURE_PARAMS
     inv_mel = torchaudio.transforms.InverseMelScale(
-        n_stft=N_FFT // 2 + 1, n_mels=N_MELS, sample_rate=SAMPLE_RATE, f_min=F_MIN, f_max=F_MAX,
-        norm=None, mel_scale="htk").to(device)
+        n_stft=p["n_fft"] // 2 + 1, n_mels=p["n_mels"], sample_rate=p["sample_rate"],
+        f_min=p["f_min"], f_max=p["f_max"], norm=p["norm"], mel_scale=p["mel_scale"]).to(device)
     griffin_lim = torchaudio.transforms.GriffinLim(
-        n_fft=N_FFT, win_length=N_FFT, hop_length=HOP, power=2.0, n_iter=n_iter).to(device)
+        n_fft=p["n_fft"], win_length=p["win_length"], hop_length=p["hop_length"],
+        window_fn=_WINDOWS[p["window"]], power=p["power"], n_iter=n_iter).to(device)
     return inv_mel, griffin_lim
 
 

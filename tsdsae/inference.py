@@ -182,19 +182,16 @@ def read_dataset_clip(uri: str, key: str, split: str | None = None,
                       endpoint_url: str | None = None) -> Clip:
     """The source audio of sample `key` of a prepared dataset (local folder or s3:// URI).
 
-    Streams the split's shards in order (all splits when `split` is None) and stops at the key,
-    so nothing else is held in memory. KeyError names the dataset and where it looked.
+    Reads the split's shards in order (all splits when `split` is None), one at a time, and stops
+    at the key. KeyError names the dataset and where it looked (MissingSplitError, a KeyError,
+    for a split the dataset lacks).
     """
-    from tsdsae.data import load_manifest, stream_split
+    from tsdsae.data import iter_split_samples, load_manifest, split_names
 
     manifest = load_manifest(uri, endpoint_url)
-    splits = [split] if split else list(manifest["splits"])
+    splits = [split] if split else split_names(manifest)
     for name in splits:
-        if name not in manifest["splits"]:
-            raise KeyError(f"dataset {uri} has no split {name!r}; it has "
-                           f"{sorted(manifest['splits'])}")
-        for item in stream_split(uri, name, endpoint_url=endpoint_url, shuffle=False,
-                                 with_audio=True):
+        for item in iter_split_samples(uri, name, endpoint_url=endpoint_url, with_audio=True):
             if item["key"] == key:
                 # The stored clip is already conditioned: only crop/pad and normalise it.
                 return prepare_audio(item["audio"], features.SAMPLE_RATE, seconds, offset,

@@ -420,6 +420,9 @@ def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None,
     store = open_store(location, endpoint)
     if store.exists("result.json"):
         return json.loads(store.read_bytes("result.json"))
+    if options.evaluate:
+        from tsdsae.evaluate import check_eval_split
+        check_eval_split(cfg)                  # before any training, not after it
     if not ray.is_initialized():
         ray.init(runtime_env=runtime_env())
     _, filesystem = _storage(cfg, endpoint)

@@ -39,6 +39,7 @@ PARENT_TAG = "mlflow.parentRunId"          # MLflow's own nesting tag
 DEFAULT_URI = "sqlite:///mlflow.db"
 # Logged with every epoch: its metric history tells which epochs a resumed run already has.
 EPOCH_SENTINEL = "stage"
+EVAL_SPLIT_TAG = "tsdsae.eval_split"       # the split the eval_* metrics score
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -335,40 +336,42 @@ def reconstruction_png(model, split, path: str | os.PathLike, n: int = 4, seed: 
 
 def evaluate_and_log(tracker: Tracker, cfg: RunConfig, model, data, result: Mapping[str, Any],
                      checkpoint_uri: str | None = None, endpoint_url: str | None = None,
-                     device="cpu") -> dict[str, float]:
-    """The end of a run: tsdsae.evaluate on `cfg.data.eval_split` (with the pitch metric when
-    cfg.tracking.pitch and the run is tracked), then `log_final` at the best epoch with the
-    best_val / best_epoch / epochs_run of `result`. Returns the scores."""
-    from tsdsae.evaluate import evaluate
+                     device="cpu") -> dict[str, Any]:
+    """The end of a run: tsdsae.evaluate.evaluate_run with `cfg.eval` (the same scores with
+    tracking on or off), then `log_final` at the best epoch with the best_val / best_epoch /
+    epochs_run of `result`. Returns the scores (with "split", the split they score)."""
+    from tsdsae.evaluate import evaluate_run
 
-    t, split = cfg.tracking, cfg.data.eval_split
-    scores = evaluate(model, data, split, device=device, pitch=t.pitch and tracker.active,
-                      crepe_model=t.crepe_model, pitch_clips=t.pitch_clips or None)
-    log_final(tracker, model, data, scores, checkpoint_uri, endpoint_url, split,
+    scores = evaluate_run(model, data, cfg.eval, device=device)
+    log_final(tracker, model, data, scores, checkpoint_uri, endpoint_url, cfg.eval.split,
               step=max(result["best_epoch"], 0),
               summary={k: result[k] for k in ("best_val", "best_epoch", "epochs_run")},
-              figures=t.figures)
+              figures=cfg.tracking.figures)
     return scores
 
 
-def log_final(tracker: Tracker, model, data, scores: Mapping[str, float],
+def log_final(tracker: Tracker, model, data, scores: Mapping[str, Any],
               checkpoint_uri: str | None = None, endpoint_url: str | None = None,
-              split: str = "val", step: int = 0, summary: Mapping[str, Any] | None = None,
+              split: str = "test", step: int = 0, summary: Mapping[str, Any] | None = None,
               figures: bool = False) -> None:
-    """The end of a run: evaluation scores (as eval_*; NaN ones, e.g. a pitch metric with no
-    voiced clip, are left out), `summary` numbers (best_val, ...), a reconstruction-spectrogram
-    PNG of `split`, the checkpoint file (local or s3://) and, with `figures`, the pictures and
-    sounds of tsdsae.figures.trial_artifacts (swap grid, swap WAVs, v projection, z paths)."""
+    """The end of a run: the scores of the evaluation split `split` as eval_* and the tag
+    tsdsae.eval_split, the validation split's scores beside them as they are named (val_*);
+    NaN ones (e.g. a pitch metric with no voiced clip) are left out. Also `summary` numbers
+    (best_val, ...), a reconstruction-spectrogram PNG of `split`, the checkpoint file (local or
+    s3://) and, with `figures`, the pictures and sounds of tsdsae.figures.trial_artifacts
+    (swap grid, swap WAVs, v projection, z paths)."""
     if not tracker.active:
         return
-    metrics = {f"eval_{k}": v for k, v in scores.items()
-               if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    metrics = {k if k.startswith("val_") else f"eval_{k}": v for k, v in scores.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and math.isfinite(float(v))}
     metrics.update({k: v for k, v in (summary or {}).items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)
                     and math.isfinite(float(v))})
     # A rerun of a finished run evaluates the same checkpoint again: log only what is new.
     logged = tracker.latest_metrics()
     tracker.log_metrics({k: v for k, v in metrics.items() if logged.get(k) != float(v)}, step=step)
+    tracker.set_tags({EVAL_SPLIT_TAG: split})
     with tempfile.TemporaryDirectory() as tmp:
         png = reconstruction_png(model, data[split], Path(tmp) / "reconstructions.png")
         tracker.log_artifact(png, "figures")

@@ -81,6 +81,9 @@ def main(argv=None) -> int:
                                 max_failures=args.max_failures, evaluate=not args.no_eval)
         split_config(options)                            # bad values: exit 2 before Ray starts
     require_splits(cfg)
+    if not args.no_eval:
+        from tsdsae.evaluate import check_eval_split
+        check_eval_split(cfg)                           # no eval.split in the dataset: exit 2 now
     try:
         if options is not None:
             summary = _train_on_ray(cfg, options, args)

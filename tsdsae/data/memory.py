@@ -1,0 +1,91 @@
+"""Whole splits in memory: every shard of a split read, checked and stacked into tensors.
+
+`load_dataset(uri)` returns the tsdsae.dataset.Dataset form the toy dataset has too, so the
+trainer and the evaluation do not care where the data came from. `iter_split_samples` reads
+one split shard by shard in manifest order (finding one sample without holding the rest).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from tsdsae.data.manifest import dataset_root, load_manifest, shard_urls, split_names
+from tsdsae.data.shards import read_shard
+from tsdsae.dataset import Dataset, Split, pad_stack
+
+
+def samples_to_split(samples: list[dict], instruments: tuple[str, ...],
+                     with_audio: bool = False) -> Split:
+    """Stack decoded samples (check_sample's form) into a padded Split: features (N, T, F)
+    float32 with zeros on padding frames, mask (N, T), instrument (N,) indexing `instruments`,
+    notes (N, T) (-1 on rests and padding), keys, and with `with_audio` audio (N, S)."""
+    index = {name: i for i, name in enumerate(instruments)}
+    feats, notes, audio, valid = [], [], [], []
+    for s in samples:
+        t, v = s["features"].shape[0], s["valid_frames"]
+        valid.append(v)
+        f = torch.from_numpy(s["features"])
+        if v < t:
+            f[v:] = 0.0                       # padding frames are zero, as in pad_stack
+        feats.append(f)
+        notes.append(torch.from_numpy(s["notes"]))
+        if with_audio:
+            audio.append(torch.from_numpy(s["audio"]))
+    features_t, _ = pad_stack(feats)
+    notes_t, _ = pad_stack(notes, pad_value=-1)
+    mask = torch.arange(features_t.shape[1])[None, :] < torch.tensor(valid)[:, None]
+    instrument = torch.tensor([index[s["labels"]["instrument"]] for s in samples], dtype=torch.long)
+    audio_t = pad_stack(audio)[0] if with_audio and audio else None
+    return Split(features_t, mask, instrument, notes_t, [s["key"] for s in samples], instruments,
+                 audio_t)
+
+
+def load_dataset(uri: str | os.PathLike, splits: Iterable[str] | None = None,
+                 endpoint_url: str | None = None, with_audio: bool = False,
+                 max_workers: int = 8, progress: bool = False) -> Dataset:
+    """Load whole splits of the dataset at `uri` (a folder, its dataset.json, or an s3:// prefix)
+    into memory: all splits the manifest holds samples for, or those named in `splits`.
+
+    Shards are fetched in parallel threads and each is checked against the manifest. Every
+    split is a tsdsae.dataset.Split (see samples_to_split); the instrument index is the
+    manifest's instrument list, the same for all splits. Raises StorageError (no or a bad
+    manifest), MissingSplitError (a named split the dataset lacks), ShardError (a bad shard).
+    """
+    uri = dataset_root(uri)
+    manifest = load_manifest(uri, endpoint_url)
+    names = split_names(manifest) if splits is None else list(splits)
+    instruments = tuple(manifest["instruments"])
+    jobs = [(split, url, entry) for split in names
+            for url, entry in shard_urls(uri, manifest, split, endpoint_url)]
+
+    def fetch(job):
+        _, url, entry = job
+        return read_shard(url, entry, manifest, endpoint_url, decode_audio=with_audio)
+
+    workers = max(1, min(max_workers, len(jobs)))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(fetch, jobs)
+        if progress:
+            from tqdm import tqdm
+            results = tqdm(results, total=len(jobs), desc=f"loading {uri}", unit="shard")
+        per_split: dict[str, list[dict]] = {name: [] for name in names}
+        for (split, _, _), samples in zip(jobs, results):
+            per_split[split].extend(samples)
+    out = {name: samples_to_split(samples, instruments, with_audio)
+           for name, samples in per_split.items()}
+    meta = {"kind": "shards", "uri": uri, "manifest": manifest}
+    return Dataset(out, name=manifest.get("name", Path(uri).name), meta=meta)
+
+
+def iter_split_samples(uri: str | os.PathLike, split: str, endpoint_url: str | None = None,
+                       with_audio: bool = False) -> Iterator[dict]:
+    """The decoded samples (check_sample's form) of one split in manifest order, one shard in
+    memory at a time. Raises like load_dataset."""
+    uri = dataset_root(uri)
+    manifest = load_manifest(uri, endpoint_url)
+    for url, entry in shard_urls(uri, manifest, split, endpoint_url):
+        yield from read_shard(url, entry, manifest, endpoint_url, decode_audio=with_audio)

@@ -60,6 +60,6 @@ def test_quick_grid_is_the_four_models_in_two_trials_and_narrows():
     with pytest.raises(ValueError, match="model.z_dim"):
         narrow(g, {"model.z_dim": [16]})
     fidelity = load_grid("fidelity-cpu")
-    assert fidelity.size() == 4 * 2 * 3
+    assert fidelity.size() == 4 * 2 * 2
     assert {k: fidelity.fixed[k] for k in ("schedule.switch_epoch", "schedule.max_epochs")} == {
         k: g.fixed[k] for k in ("schedule.switch_epoch", "schedule.max_epochs")}

@@ -100,14 +100,17 @@ def restore_model(model, state: dict, uri: str, fix: str = "") -> None:
     Raises CheckpointError naming `uri`, the first MAX_LISTED mismatching keys/shapes and `fix`
     (what to do; default: use a checkpoint of the same configuration) when they do not fit.
     """
-    problems = mismatches(model.state_dict(), state.get("model"))
+    weights = state.get("model")
+    if isinstance(weights, dict) and hasattr(model, "legacy_key_names"):
+        weights = model.legacy_key_names(weights)       # earlier key names of the same weights
+    problems = mismatches(model.state_dict(), weights)
     snapshot = state.get("snapshot")
     if not problems and snapshot is not None:
         model.take_snapshot()                      # the snapshot's own shapes, from this config
         problems = mismatches(model.snapshot_state_dict(), snapshot, "snapshot.")
     if not problems:
         try:
-            model.load_state_dict(state["model"])
+            model.load_state_dict(weights)
             model.load_snapshot_state_dict(snapshot)
             return
         except (RuntimeError, ValueError) as exc:

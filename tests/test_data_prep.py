@@ -246,7 +246,6 @@ def test_rerun_with_same_parameters_returns_at_once(small_dmelodies):
 
 def test_killed_prep_resumes_to_the_same_manifest(small_dmelodies, tmp_path):
     """SIGKILL a real prep process once its first shard is written, then finish it."""
-    import os
     import signal
     import subprocess
     import sys
@@ -259,7 +258,7 @@ def test_killed_prep_resumes_to_the_same_manifest(small_dmelodies, tmp_path):
          "--seed", str(p["seed"]), "--samples-per-shard", str(p["samples_per_shard"]),
          "--fractions", ",".join(repr(f) for f in p["fractions"]), "--render-batch",
          str(p["render_batch"]), "--workers", "1", "--no-progress"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:

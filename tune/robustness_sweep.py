@@ -176,13 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="tsdsae-sweeps", help="MLflow experiment")
     p.add_argument("--out", default="results", help="report folder (a subfolder per sweep)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers per run")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="Ray CPUs per worker (default 1, or 0.95 with --smoke-test)")
+    p.add_argument("--cpus-per-worker", type=float, default=0.95,
+                   help="Ray CPUs per worker (default 0.95: each trial process holds 0.01 CPU, "
+                        "so two 1-CPU workers would not fit on 2 CPUs beside them)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0,
                    help="GPUs per run, split across its workers; fractions pack several trials "
                         "on one GPU (e.g. 0.25)")
     p.add_argument("--max-concurrent-trials", type=int, default=0,
-                   help="0 = as many as resources allow")
+                   help="0 = as many runs as the cluster's CPUs (and GPUs) hold at once")
     p.add_argument("--max-failures", type=int, default=3, help="worker restarts per stage job")
     p.add_argument("--no-share-stage-1", action="store_true",
                    help="train stage 1 separately for every variant")
@@ -229,13 +230,14 @@ class ProgressPrinter:
                 print(line, flush=True)
 
     def line(self) -> str:
-        """'[12.5 min] stage-1 (shared) 60/100 | dsae 80/125 | ts_dsae done' or ''."""
+        """'[12.5 min] stage 1 (shared) z32 s831 40/50 epochs | dsae z32 s831 done | 2 starting
+        or waiting for CPUs', or '' before any run has started."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
         exp = client.get_run(self.parent).info.experiment_id
         runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{self.parent}'")
-        parts = []
+        parts, waiting = [], 0
         for run in sorted(runs, key=lambda r: r.info.run_name or ""):
             p, tags = run.data.params, run.data.tags
             shared = tags.get(ROLE_TAG) == "shared_stage_1"
@@ -254,7 +256,12 @@ class ProgressPrinter:
             elif tags.get("tsdsae.shared_stage_1") == "True":
                 total -= switch                  # a forked stage 2 logs its own epochs only
             epochs = len(client.get_metric_history(run.info.run_id, "stage"))
-            parts.append(f"{label} {epochs}/{total} epochs")
+            if epochs:
+                parts.append(f"{label} {epochs}/{total} epochs")
+            else:
+                waiting += 1                    # started, waiting for CPUs (or loading data)
+        if waiting:
+            parts.append(f"{waiting} starting or waiting for CPUs")
         if not parts:
             return ""
         return f"[{(time.time() - self.t0) / 60:.1f} min] " + " | ".join(parts)
@@ -279,13 +286,28 @@ def _sweep_settings(args) -> tuple[Any, list[str]]:
 
 
 def _ray_options(args) -> dict:
-    cpus = args.cpus_per_worker or (0.95 if args.smoke_test else 1.0)
+    cpus = args.cpus_per_worker
     options = {"num_workers": args.workers_per_trial, "cpus_per_worker": cpus,
                "max_failures": args.max_failures}
     if args.gpus_per_trial > 0:
         options["use_gpu"] = True
         options["gpus_per_worker"] = args.gpus_per_trial / args.workers_per_trial
     return options
+
+
+def concurrent_trials(options: dict, resources: dict | None = None) -> int:
+    """How many trials run at once: as many training runs as the cluster's CPUs and GPUs hold
+    (each trial process itself holds 0.01 CPU). Trials beyond that would start, hold their
+    0.01 CPU and wait, which can leave too little for the next run's workers."""
+    import ray
+
+    resources = resources if resources is not None else ray.cluster_resources()
+    workers = options["num_workers"]
+    per_trial = workers * options["cpus_per_worker"] + 0.01
+    n = int(resources.get("CPU", 1) // per_trial)
+    if options.get("use_gpu"):
+        n = min(n, int(resources.get("GPU", 0) // (workers * options["gpus_per_worker"])))
+    return max(1, n)
 
 
 def run_sweep(args) -> dict:
@@ -344,12 +366,13 @@ def run_sweep(args) -> dict:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(
-                    max_concurrent_trials=args.max_concurrent_trials or None,
+                    max_concurrent_trials=(args.max_concurrent_trials
+                                           or concurrent_trials(sweep["ray_options"])),
                     trial_dirname_creator=lambda t: f"trial_{t.config['group']['key']}",
                     trial_name_creator=lambda t: f"{name}-{t.config['group']['key']}"),
                 run_config=tune.RunConfig(name=name, storage_path=tune_path,
                                           storage_filesystem=filesystem,
-                                          verbose=1,   # Tune's status table, no per-result lines
+                                          verbose=0,   # progress: ProgressPrinter lines
                                           failure_config=tune.FailureConfig(max_failures=1)))
         with ProgressPrinter(tracking_uri, parent.run_id, every=args.progress_every):
             results = tuner.fit()
@@ -359,6 +382,11 @@ def run_sweep(args) -> dict:
     errors = [r.error for r in results if r.error]
 
     rows = rows_from_mlflow(parent.run_id, tracking_uri)
+    if rows.empty:          # e.g. Ctrl-C before any run finished: Tune returns what it has
+        parent.finish("KILLED" if not errors else "FAILED")
+        raise UsageError(f"no run of sweep {name} has finished (interrupted, or every trial "
+                         f"failed: see Ray's logs); rerun the same command with --resume to "
+                         "continue it")
     out_dir = Path(args.out) / name
     paths = write_report(rows, out_dir)
     split = scored_split(rows) or "test"

@@ -219,7 +219,7 @@ def test_ray_job_submit_runs_the_smoke_sweep(mlflow_server, grid_file, tmp_path)
              str(tmp_path / "sweeps"), "--out", str(tmp_path / "results"),
              "--tracking-uri", mlflow_server.uri, "--experiment", "sweeps-job",
              "--cpus-per-worker", "0.45"],
-            env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=600)
+            env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=900)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
         assert "succeeded" in submit.stdout + submit.stderr
     finally:

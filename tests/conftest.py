@@ -174,3 +174,18 @@ def chromium():
         yield browser
     finally:
         browser.close()
+
+
+def kill_after_first_shard(cmd: list[str], out: Path, timeout: float = 180.0) -> None:
+    """Run `cmd` (a prep process writing shards into `out`) and SIGKILL it as soon as its first
+    shard file appears; asserts it really died of the signal (not of an error of its own)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    try:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    finally:
+        proc.stderr.close()

@@ -316,16 +316,20 @@ def audio_mod_silence() -> float:
     return audio_mod.SILENCE_PEAK
 
 
-@pytest.fixture()
-def three_recordings(tmp_path):
-    """Three 6 s recordings (3 segments each) per label."""
-    root = tmp_path / "input"
+def write_recordings(root, seconds: float):
+    """Three 16 kHz tone recordings of `seconds` per label (violin, trumpet) under `root`."""
     for j, name in enumerate(("violin", "trumpet")):
         (root / name).mkdir(parents=True)
         for k in range(3):
-            sf.write(root / name / f"rec{k}.wav", tone(6.0, 16_000, 200 + 100 * j + 30 * k),
+            sf.write(root / name / f"rec{k}.wav", tone(seconds, 16_000, 200 + 100 * j + 30 * k),
                      16_000)
     return root
+
+
+@pytest.fixture()
+def three_recordings(tmp_path):
+    """Three 6 s recordings (3 segments each) per label."""
+    return write_recordings(tmp_path / "input", 6.0)
 
 
 def sources_by_split(out_dir) -> dict[str, set]:
@@ -397,29 +401,15 @@ def test_crepe_kept_fraction_per_label_and_loud_warning(tmp_path, capsys):
 
 def test_killed_folder_prep_resumes_from_its_plan(tmp_path):
     """SIGKILL a real prep process after its first shard, then finish it: same dataset."""
-    import signal
-    import subprocess
     import sys
-    import time
 
-    root = tmp_path / "input"
-    for j, name in enumerate(("violin", "trumpet")):
-        (root / name).mkdir(parents=True)
-        for k in range(3):
-            sf.write(root / name / f"rec{k}.wav", tone(24.0, 16_000, 200 + 100 * j + 30 * k),
-                     16_000)
+    from conftest import kill_after_first_shard
+
+    root = write_recordings(tmp_path / "input", 24.0)
     args = ["--no-crepe", "--no-progress", "--samples-per-shard", "1", "--workers", "1"]
     parts = tmp_path / "parts"
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep.folder", str(root), str(parts),
-                             *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not list(parts.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    proc.stderr.close()
+    kill_after_first_shard([sys.executable, "-m", "data_prep.folder", str(root), str(parts),
+                            *args], parts, timeout=120)
     written = len(list(parts.glob("*.tar")))
     assert (parts / "_prep_state.json").exists() and not (parts / "dataset.json").exists()
     assert 1 <= written < 126, written              # 6 files x 21 segments, one per shard

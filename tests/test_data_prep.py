@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_DMELODIES
+from conftest import SMALL_DMELODIES, kill_after_first_shard
 from data_prep import audio as audio_mod
 from data_prep.dmelodies import (RHYTHMS, FactorSpace, Melody, main as dmelodies_main,
                                  parse_instruments, prepare_dmelodies)
@@ -246,27 +246,16 @@ def test_rerun_with_same_parameters_returns_at_once(small_dmelodies):
 
 def test_killed_prep_resumes_to_the_same_manifest(small_dmelodies, tmp_path):
     """SIGKILL a real prep process once its first shard is written, then finish it."""
-    import signal
-    import subprocess
     import sys
 
     reference = (small_dmelodies / "dataset.json").read_bytes()
     out = tmp_path / "resumed"
     p = SMALL_DMELODIES
-    proc = subprocess.Popen(
+    kill_after_first_shard(
         [sys.executable, "-m", "data_prep.dmelodies", str(out), "--n-clips", str(p["n_clips"]),
          "--seed", str(p["seed"]), "--samples-per-shard", str(p["samples_per_shard"]),
          "--fractions", ",".join(repr(f) for f in p["fractions"]), "--render-batch",
-         str(p["render_batch"]), "--workers", "1", "--no-progress"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    proc.stderr.close()
+         str(p["render_batch"]), "--workers", "1", "--no-progress"], out)
     assert not (out / "dataset.json").exists()                   # no half-written dataset
     assert (out / "_prep_state.json").exists() and 1 <= len(list(out.glob("*.tar"))) < 6
     prepare_dmelodies(str(out), **SMALL_DMELODIES)

@@ -88,7 +88,7 @@ def time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
         terms = step()
-    float(terms["loss"])
+    float(terms["loss"].sum())          # waits for the device (a pack has one loss per member)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps

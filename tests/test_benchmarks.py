@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import grid_cost  # noqa: E402
+import pytest  # noqa: E402
 
 
 def test_step_rate_prints_json_lines():
@@ -32,3 +33,29 @@ def test_grid_cost_counts_the_papers_grid():
     packed = grid_cost.grid_cost(rates, [8, 16, 32], 6, 2, ["dmelodies", "urmp"], 4000, 300,
                                  128, 0.0, 4.0)[-1]
     assert abs(packed["device_hours"] * 4 - grid["device_hours"]) < 0.05
+
+
+def test_packed_rate_prints_a_row_per_pack_size_and_feeds_grid_cost(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "packed_rate.py"), "--packs",
+                          "1", "2", "--models", "ts_dsae:2", "--z-dim", "8", "--batch", "4",
+                          "--frames", "10", "--steps", "1", "--threads", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["k"], r["packed"]) for r in rows] == [(1, False), (1, True), (2, True)]
+    for r in rows[1:]:
+        assert r["trial_steps_per_s"] == round(r["k"] * r["steps_per_s"], 3) or \
+            abs(r["trial_steps_per_s"] - r["k"] * r["steps_per_s"]) < 1e-2
+        assert r["ratio"] > 0 and r["peak_memory_mb"] > 0
+    (tmp_path / "packed.jsonl").write_text(out)
+    speedups = grid_cost.load_packing_speedups(str(tmp_path / "packed.jsonl"))
+    assert set(speedups) == {2} and speedups[2][0] == max(r["ratio"] for r in rows[1:])
+    rates = {(v, s, z): 10.0 for v, s in grid_cost.JOBS for z in (8, 16, 32)}
+    rows = grid_cost.grid_cost(rates, [8], 1, 1, ["dmelodies"], 10, 2, 128, 0.0, {2: 2.0})
+    plain = grid_cost.grid_cost(rates, [8], 1, 1, ["dmelodies"], 10, 2, 128, 0.0, 1.0)
+    stage2 = [r for r in rows if r["job"].endswith("stage2")]
+    plain2 = [p for p in plain if p["job"].endswith("stage2")]
+    assert len(stage2) == 3 and all(p["device_hours"] > 0.1 for p in plain2)
+    assert all(r["device_hours"] * 2 == pytest.approx(p["device_hours"], abs=0.02)
+               for r, p in zip(stage2, plain2))
+    stage1 = [r for r in rows if r["job"] in ("dsae", "ts_dsae/stage1")]
+    assert all(r["packing_speedup"] == 1.0 for r in stage1)

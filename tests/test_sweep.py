@@ -306,3 +306,35 @@ def test_sweep_experiment_opens_in_the_runs_view_with_descriptions(smoke, mlflow
     screen = sweep_mod.final_screen(out, 60.0)
     assert f"#/experiments/{exp.experiment_id}/runs" in screen
     assert str(out["report"]["report_html"]) in screen and "Model training" in screen
+
+
+def test_packed_stage_two_gives_each_member_its_own_child_run(smoke, mlflow_server, grid_file):
+    """--pack 3: the three two-stage variants train stage 2 as one pack (one Ray Train job);
+    each member still has its own child run (grid tags, per-epoch metrics, evaluation,
+    figures), and its result follows the same run trained alone (the smoke sweep's)."""
+    out, root = smoke
+    packed = sweep_mod.run_sweep(_args(grid_file, root, mlflow_server.uri, "packed",
+                                       "--only", "schedule.variant=dsae_freeze,ts_dsae_wo_reg,"
+                                       "ts_dsae", "--pack", "3"))
+    assert packed["errors"] == 0 and packed["runs"] == 3
+    client = mlflow_server.client()
+    trials = [r for r in _children(client, packed["parent_run_id"])
+              if r.data.tags.get("tsdsae.role") == "trial"]
+    assert sorted(r.data.tags["grid.schedule.variant"] for r in trials) == [
+        "dsae_freeze", "ts_dsae", "ts_dsae_wo_reg"]
+    for run in trials:
+        assert run.data.tags["tsdsae.pack"] == "dsae_freeze+ts_dsae_wo_reg+ts_dsae"
+        assert run.info.status == "FINISHED" and run.data.tags["grid.seed"] == "831"
+        assert {"eval_pre_swap", "eval_gswap", "eval_lswap"} <= set(run.data.metrics)
+        assert len(client.get_metric_history(run.info.run_id, "stage")) == 1
+        files = {f.path for f in client.list_artifacts(run.info.run_id, "figures")}
+        assert {"figures/swap_grid.png", "figures/swaps"} <= files, files
+    runs = root / "sweeps"
+    assert len(list((runs / "packed" / "runs").glob("*-pack-0/pack.pt"))) == 1
+    for variant in ("dsae_freeze", "ts_dsae_wo_reg", "ts_dsae"):
+        a = json.loads(next((runs / "packed" / "runs").glob(f"*-{variant}")).joinpath(
+            "result.json").read_text())
+        b = json.loads(next((runs / "smoke" / "runs").glob(f"*-{variant}")).joinpath(
+            "result.json").read_text())
+        assert a["best_val"] == pytest.approx(b["best_val"], rel=1e-4), variant
+        assert a["best_epoch"] == b["best_epoch"] and a["epochs_run"] == b["epochs_run"]

@@ -49,6 +49,7 @@ from tsdsae import checkpoint, schedule, tracking
 from tsdsae.config import PRESETS, RunConfig, apply_overrides
 from tsdsae.storage import absolute_location, open_store, resolve_endpoint
 from tsdsae.train_step import keep_freed_memory
+from tsdsae.packed_train import PackedTrainer
 from tsdsae.trainer import Trainer, load_data
 
 STATE_FILE = "state.pt"
@@ -192,21 +193,9 @@ def ddp_wrap(model: torch.nn.Module, device: torch.device, share: BatchShare
     return ddp
 
 
-class RankTrainer(Trainer):
-    """tsdsae.trainer.Trainer as one DDP rank: batch shares, a weighted gradient all-reduce and
-    epoch sums across ranks. `wrap()` builds the DDP wrapper once the stage's trainable set is
-    on."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._share = BatchShare(self.world_size)
-
-    def wrap(self) -> None:
-        """Call once the stage's trainable set is on: DDP registers exactly those parameters."""
-        if self.world_size == 1:
-            self.step_model = self.pass_model   # a world of one: nothing to synchronise
-            return
-        self.step_model = ddp_wrap(self.pass_model, self.device, self._share)
+class _Rank:
+    """What makes a trainer one DDP rank: batch shares, a weighted gradient all-reduce and
+    epoch sums across ranks (mixed into Trainer and PackedTrainer)."""
 
     def _before_train_step(self, share: float) -> None:
         self._share.weight = share
@@ -219,6 +208,35 @@ class RankTrainer(Trainer):
         totals = totals.detach().clone()
         dist.all_reduce(totals)
         return totals
+
+
+class RankTrainer(_Rank, Trainer):
+    """tsdsae.trainer.Trainer as one DDP rank. `wrap()` builds the DDP wrapper once the stage's
+    trainable set is on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._share = BatchShare(self.world_size)
+
+    def wrap(self) -> None:
+        """Call once the stage's trainable set is on: DDP registers exactly those parameters."""
+        if self.world_size == 1:
+            self.step_model = self.pass_model   # a world of one: nothing to synchronise
+            return
+        self.step_model = ddp_wrap(self.pass_model, self.device, self._share)
+
+
+class RankPackedTrainer(_Rank, PackedTrainer):
+    """tsdsae.packed_train.PackedTrainer as one DDP rank: every member's batch is split across
+    the ranks (each rank takes its part of each member's global batch). Every packed parameter
+    gets a gradient in every step (frozen slices are masked in the optimiser), so one DDP
+    wrapper serves all stages."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._share = BatchShare(self.world_size)
+        if self.world_size > 1:
+            self.step_model = ddp_wrap(self.model, self.device, self._share)
 
 
 def configure_device(device: torch.device) -> None:
@@ -320,6 +338,94 @@ def train_loop_per_worker(config: dict) -> None:
         _report(trainer, record, save=last or trainer.checkpoint_due(epoch))
         if stop:
             break
+
+
+def train_pack_per_worker(config: dict) -> None:
+    """Stage 2 of K runs as one pack (tsdsae.packed_train) on one Ray Train worker.
+
+    config: run_configs (K RunConfigs), init_checkpoint (ray.train.Checkpoint of the shared
+    stage 1), pack_dir (where pack.pt lives: a restarted or resumed job continues from it),
+    tracking_uri and mlflow_run_ids (one per member, or None), threads, use_gpu. Rank 0 writes
+    each member's best.pt / last.pt and logs each member's epochs to its own MLflow run.
+    """
+    import ray.train
+    import ray.train.torch
+
+    cfgs: list[RunConfig] = config["run_configs"]
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(config.get("threads", 1)))
+    device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+    configure_device(device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    trainer = RankPackedTrainer(cfgs, data=_load_worker_data(cfgs[0], device), device=device,
+                                pack_dir=config["pack_dir"], rank=rank, world_size=world_size)
+    if not trainer.resume():
+        source = config["init_checkpoint"]
+        trainer.start_from([_read_state(source, device)] * len(cfgs))
+    trackers = [tracking.attach(config.get("tracking_uri"), run_id, active=rank == 0)
+                for run_id in (config.get("mlflow_run_ids") or [None] * len(cfgs))]
+    trainer.callbacks.append(lambda k, record: trackers[k].log_epoch(record))
+
+    def report(records) -> None:
+        metrics = {"epoch": trainer.epoch - 1, "members_training": trainer.k - sum(trainer.done)}
+        for k, record in enumerate(records):
+            if record is not None:
+                metrics[f"m{k}_val_loss"] = record["val_loss"]
+        ray.train.report(metrics)            # every rank: keeps the ranks' epochs in step
+
+    trainer.fit(resume=False, save=rank == 0, after_epoch=report)
+
+
+def run_pack_stage(cfgs: Sequence[RunConfig], options: RayOptions, init_checkpoint,
+                   pack_dir: str, trackers: Sequence[tracking.Tracker]):
+    """Fit the TorchTrainer of one pack (Ray run `stage_2_pack` under `pack_dir`): stage 2 of
+    every run in `cfgs` from the shared stage-1 checkpoint `init_checkpoint`. Returns
+    ray.train.Result; raises if training failed."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    endpoint = resolve_endpoint(cfgs[0].data.endpoint_url or None)
+    storage_path, filesystem = open_store(pack_dir, endpoint).arrow_filesystem()
+    resources = {"CPU": options.cpus_per_worker}
+    if options.use_gpu:
+        resources["GPU"] = options.gpus_per_worker
+    trainer = TorchTrainer(
+        train_pack_per_worker,
+        train_loop_config={
+            "run_configs": list(cfgs), "init_checkpoint": init_checkpoint,
+            "pack_dir": pack_dir, "tracking_uri": trackers[0].uri,
+            "mlflow_run_ids": [t.run_id for t in trackers],
+            "threads": options.torch_threads, "use_gpu": options.use_gpu},
+        scaling_config=ray.train.ScalingConfig(num_workers=options.num_workers,
+                                               use_gpu=options.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name="stage_2_pack", storage_path=storage_path, storage_filesystem=filesystem,
+            worker_runtime_env=WORKER_ENV,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            failure_config=ray.train.FailureConfig(max_failures=options.max_failures)))
+    return trainer.fit()
+
+
+def pack_markers(cfgs: Sequence[RunConfig]) -> list[dict]:
+    """After a pack: each member's stage_2.json marker (what train_driver_fn reads to skip the
+    stage), from the member's last.pt."""
+    markers = []
+    for cfg in cfgs:
+        endpoint = cfg.data.endpoint_url or None
+        last = f"{run_dir(cfg)}/last.pt"
+        state = checkpoint.load(last, "cpu", endpoint)
+        record = state["history"][-1]
+        early = state["early"]
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}
+        metrics.update(best_val=early["best_val"], best_epoch=early["best_epoch"],
+                       stopped_early=early["bad_epochs"] >= cfg.schedule.patience)
+        # Ray's convention for S3 checkpoint paths: bucket/key (see _checkpoint_uri)
+        path = last[len("s3://"):] if last.startswith("s3://") else last
+        markers.append({"stage": 2, "checkpoint": path, "metrics": metrics, "packed": True})
+    return markers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +602,7 @@ def driver_config(cfg: RunConfig, **options) -> dict:
     return {"run_config": cfg, **options}
 
 
-__all__ = ["RayOptions", "RankTrainer", "BatchShare", "ddp_wrap", "WORKER_ENV",
+__all__ = ["RayOptions", "RankTrainer", "RankPackedTrainer", "train_pack_per_worker",
+           "run_pack_stage", "pack_markers", "BatchShare", "ddp_wrap", "WORKER_ENV",
            "split_config", "run_dir", "stage_jobs", "train_loop_per_worker", "run_stage", "train_driver_fn",
            "driver_config", "configure_device", "runtime_env"]

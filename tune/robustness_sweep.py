@@ -18,6 +18,11 @@ optimiser, dataset and every other key, so their group trains stage 1 once (its 
 `<sweep>-<group>-stage1`) and forks stage 2 per variant from that checkpoint. Stage 1 is a pure
 function of the config without the variant, so each variant's result equals an unshared run's.
 
+Packs (`--pack K`, tsdsae.packed_train): the stage 2 of up to K two-stage variants of a trial
+trains as one packed model in one Ray Train job (each member exactly as its run alone, with its
+own checkpoints and MLflow child run); the driver then only evaluates each member. 'auto' packs
+all three with GPUs and none on CPU, where packing measured slower (README, "Packed trials").
+
 MLflow: one parent run per sweep (found again by its key on --resume), one child run per grid
 point (model variant) tagged with its grid coordinates, plus one child run per shared stage 1.
 Children are created with the parent's run id explicitly, so nesting survives Ray's processes.
@@ -109,8 +114,60 @@ def _shared_stage_1(sweep: dict, group: dict, options: dict) -> dict:
     return marker
 
 
+def _child_run(sweep: dict, group: dict, cfg, variant: str, shared: bool, **tags):
+    """Create (or find) a grid point's MLflow child run, with its grid coordinates as tags."""
+    from tsdsae.ray_train import run_dir
+
+    return tracking.open_run(cfg.tracking.uri, cfg.tracking.experiment,
+                             tracking.run_key(run_dir(cfg)), run_name=cfg.name,
+                             parent_run_id=sweep["parent_run_id"],
+                             tags={ROLE_TAG: "trial", "tsdsae.group": group["key"],
+                                   "tsdsae.shared_stage_1": str(shared),
+                                   **_coord_tags(group["coords"], variant), **tags})
+
+
+def _stage_2_packs(sweep: dict, group: dict, marker: dict, options: dict) -> None:
+    """Stage 2 of the group's two-stage variants in packs of up to sweep["pack"] members
+    (tsdsae.packed_train), one Ray Train job per pack, from the shared stage-1 checkpoint.
+    Each member gets its stage_2.json marker, so train_driver_fn then only evaluates it."""
+    from tsdsae.ray_train import (_stage_checkpoint, pack_markers, resolve_locations, run_dir,
+                                  run_pack_stage, split_config)
+
+    variants = [v for v in group["variants"] if v in SHARED_STAGE_1]
+    size = max(1, int(sweep.get("pack", 1)))
+    for start in range(0, len(variants), size):
+        chunk = variants[start:start + size]
+        cfgs = [resolve_locations(_run_config(sweep, group["overrides"], v,
+                                              f"{sweep['name']}-{group['key']}-{v}"))
+                for v in chunk]
+        stores = [open_store(run_dir(c), c.data.endpoint_url or None) for c in cfgs]
+        if all(st.exists("stage_2.json") for st in stores):
+            continue
+        trackers = []
+        for cfg, variant, st in zip(cfgs, chunk, stores):
+            if not st.exists("stage_1.json"):
+                st.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
+            _child_run(sweep, group, cfg, variant, True, **{"tsdsae.pack": "+".join(chunk)})
+            trackers.append(tracking.start_run(cfg, tracking.run_key(run_dir(cfg)),
+                                               parent_run_id=sweep["parent_run_id"]))
+        _, ray_options = split_config({"run_config": cfgs[0], **options})
+        _, filesystem = open_store(run_dir(cfgs[0]), cfgs[0].data.endpoint_url or None
+                                   ).arrow_filesystem()
+        pack_dir = f"{sweep['checkpoint_root']}/{sweep['name']}-{group['key']}-pack-{start}"
+        try:
+            run_pack_stage(cfgs, ray_options, _stage_checkpoint(marker, filesystem),
+                           pack_dir, trackers)
+        except BaseException as exc:
+            for t in trackers:
+                t.fail(exc)
+            raise
+        for st, member_marker in zip(stores, pack_markers(cfgs)):
+            st.write_bytes("stage_2.json", json.dumps(member_marker, indent=1).encode())
+
+
 def trial_fn(config: dict) -> None:
-    """One Tune trial: every model variant of one trial group, each a full Ray Train run."""
+    """One Tune trial: every model variant of one trial group, each a full Ray Train run (with
+    sweep["pack"] > 1, the stage 2 of the two-stage variants trains as one pack first)."""
     from ray import tune
 
     from tsdsae.ray_train import driver_config, run_dir, train_driver_fn
@@ -119,6 +176,8 @@ def trial_fn(config: dict) -> None:
     options = dict(sweep["ray_options"])
     shared = len(group["variants"]) > 1 and all(v in SHARED_STAGE_1 for v in group["variants"])
     marker = _shared_stage_1(sweep, group, options) if shared else None
+    if marker is not None and int(sweep.get("pack", 1)) > 1:
+        _stage_2_packs(sweep, group, marker, options)
     metrics: dict[str, Any] = {"group": group["key"]}
     for variant in group["variants"]:
         cfg = _run_config(sweep, group["overrides"], variant,
@@ -131,12 +190,7 @@ def trial_fn(config: dict) -> None:
         # driver resumes the same run by its key. A finished run is left as it is: the driver
         # returns its stored summary.
         if not store.exists("result.json"):
-            tracking.open_run(cfg.tracking.uri, cfg.tracking.experiment,
-                              tracking.run_key(location),
-                              run_name=cfg.name, parent_run_id=sweep["parent_run_id"],
-                              tags={ROLE_TAG: "trial", "tsdsae.group": group["key"],
-                                    "tsdsae.shared_stage_1": str(marker is not None),
-                                    **_coord_tags(group["coords"], variant)})
+            _child_run(sweep, group, cfg, variant, marker is not None)
         summary = train_driver_fn(driver_config(cfg, parent_run_id=sweep["parent_run_id"],
                                                 **options))
         if summary.get("mlflow_run_id"):        # where the report page finds the model to hear
@@ -187,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=3, help="worker restarts per stage job")
     p.add_argument("--no-share-stage-1", action="store_true",
                    help="train stage 1 separately for every variant")
+    p.add_argument("--pack", default="auto",
+                   help="train the stage 2 of up to K two-stage variants of a trial as one "
+                        "packed model (tsdsae.packed_train); 'auto' = 1 (one after another) on "
+                        "CPU, where packing measured slower (README), and 3 (all of them) with "
+                        "GPUs")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep of the same --name (Tuner.restore)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
@@ -295,6 +354,21 @@ def _ray_options(args) -> dict:
     return options
 
 
+def pack_size(args) -> int:
+    """--pack as a number: 'auto' is 3 (every two-stage variant of a trial) when runs get GPUs
+    and 1 on CPU (benchmarks/packed_rate.py measured packing slower there, see the README).
+    Raises UsageError for anything but 'auto' or a positive integer."""
+    if args.pack == "auto":
+        return 3 if args.gpus_per_trial > 0 else 1
+    try:
+        size = int(args.pack)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise UsageError(f"--pack {args.pack!r}: give a positive number of members or 'auto'")
+    return size
+
+
 def concurrent_trials(options: dict, resources: dict | None = None) -> int:
     """How many trials run at once: as many training runs as the cluster's CPUs and GPUs hold
     (each trial process itself holds 0.01 CPU). Trials beyond that would start, hold their
@@ -337,11 +411,11 @@ def run_sweep(args) -> dict:
     parent.log_params({"grid": grid.name, "grid_file": grid.source, "runs": n_points,
                        "trials": len(groups), "datasets": json.dumps(datasets),
                        "axes": json.dumps(grid.axes), "fixed": json.dumps(grid.fixed),
-                       "share_stage_1": not args.no_share_stage_1})
+                       "share_stage_1": not args.no_share_stage_1, "pack": pack_size(args)})
     sweep = {"name": name, "preset": grid.preset, "checkpoint_root": f"{storage.uri}/runs",
              "tracking_uri": tracking_uri, "experiment": args.experiment,
              "parent_run_id": parent.run_id, "endpoint_url": args.endpoint_url or "",
-             "ray_options": _ray_options(args)}
+             "ray_options": _ray_options(args), "pack": pack_size(args)}
     param_space = {"sweep": sweep, "group": tune.grid_search([
         {"key": g.key, "overrides": g.overrides, "variants": list(g.variants),
          "coords": g.coords} for g in groups])}

@@ -189,13 +189,18 @@ class DSAE(nn.Module):
         v_pairs = torch.cat([v, v[perm_g], v[inverse_permutation(perm_l)]])     # (3B, V)
         means = self.likelihood(z.repeat(3, 1, 1), v_pairs, mask.repeat(3, 1)).mean
         x_mean, x_swap = means[:b], means[b:]                                  # (B|2B, T, F)
-        mask2 = mask.repeat(2, 1)
-        # The re-encoding samples (METHOD s4); its z samples feed only an autoregressive
-        # posterior's next step, and its v sample only a v-conditioned z posterior.
-        qv_swap = self.v_posterior(x_swap, mask2)
-        v_swap = qv_swap.rsample() if self.cfg.v_condition else None
-        qz_swap, _ = self.z_posterior(x_swap, mask2, v_swap, sample=self.cfg.z_posterior != "x")
+        qv_swap, qz_swap = self.reencode_swaps(x_swap, mask.repeat(2, 1))
         return Outputs(qv, v, qz, z, pz, x_mean, qv_swap, qz_swap)
+
+    def reencode_swaps(self, x_swap: torch.Tensor, mask: torch.Tensor
+                       ) -> tuple[DiagNormal, DiagNormal]:
+        """q(v | x_swap) (2B, V) and q(z | x_swap) (2B, T, Z) of the swapped spectrograms.
+        The re-encoding samples (METHOD s4); its z samples feed only an autoregressive
+        posterior's next step, and its v sample only a v-conditioned z posterior."""
+        qv_swap = self.v_posterior(x_swap, mask)
+        v_swap = qv_swap.rsample() if self.cfg.v_condition else None
+        qz_swap, _ = self.z_posterior(x_swap, mask, v_swap, sample=self.cfg.z_posterior != "x")
+        return qv_swap, qz_swap
 
     # -- disentanglement probes (posterior means) ---------------------------------------------
 

@@ -1,0 +1,145 @@
+"""Throughput of packed trials (tsdsae.packed_train) against one trial at a time.
+
+    python benchmarks/packed_rate.py [--device cpu|cuda] [--packs 1 2 4 8 16 32]
+                                     [--models dsae:1 ts_dsae:2] [--z-dim 32] [--batch 128]
+                                     [--frames 251] [--threads N] [--steps 5]
+
+For each model/stage and each pack size K, one JSON line: the packed step (K members, each its
+own batch of `--batch` clips; PackedTrainer.step: forward, per-member losses, backward,
+PackedAdam) as steps/s and trial_steps_per_s = K x steps/s, beside the unpacked single-trial step
+(the trainer's pass, benchmarks/step_rate.py) measured in the same process:
+ratio = trial_steps_per_s / single_steps_per_s (>= 1: packing beats running the members one
+after another). peak_memory_mb: the GPU's peak allocation for this K, or on CPU the process's
+peak resident memory so far (each K runs in a fresh process, so it is this K's).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+from tsdsae.config import apply_overrides, paper  # noqa: E402
+from tsdsae.dataset import Dataset, Split  # noqa: E402
+
+
+def synthetic_data(batch: int, frames: int) -> Dataset:
+    """`batch` random clips (log-mel-like values) as train and val."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, frames, 80, generator=g) * 3 - 5
+    split = Split(x, torch.ones(batch, frames, dtype=torch.bool),
+                  torch.zeros(batch, dtype=torch.long),
+                  torch.zeros(batch, frames, dtype=torch.long),
+                  [str(i) for i in range(batch)], ("a",))
+    return Dataset({"train": split, "val": split}, name="synthetic")
+
+
+def packed_step(variant: str, stage: int, z_dim: int, k: int, batch: int, frames: int,
+                device: torch.device):
+    """A closure running one packed training step of K members of `variant` in `stage`."""
+    from tsdsae.packed_train import PackedTrainer
+
+    cfgs = [apply_overrides(paper(), {"name": f"m{i}", "seed": i, "model.z_dim": z_dim,
+                                      "schedule.variant": variant, "schedule.switch_epoch": 1,
+                                      "optim.batch_size": batch, "checkpoint.root": "/nonexistent"})
+            for i in range(k)]
+    trainer = PackedTrainer(cfgs, data=synthetic_data(batch, frames), device=device)
+    plans = trainer.prepare_epoch(0)
+    if stage == 2:
+        plans = trainer.prepare_epoch(1)
+    if plans[0].stage != stage:
+        raise ValueError(f"{variant} has no stage {stage}")
+    for i, cfg in enumerate(cfgs):
+        trainer.generators[i].manual_seed(i)
+    swaps, weights = trainer.swap_weights(plans)
+    active = trainer._active(plans)
+    idx = torch.arange(batch, device=device).repeat(k, 1)               # (K, B)
+    flat = idx.reshape(-1)
+    x, mask = trainer.train_split.features[flat], trainer.train_split.mask[flat]
+    prior = trainer._v_prior("train", idx, plans)
+
+    def step():
+        return trainer.step(x, mask, prior, swaps, weights, active)
+
+    return step
+
+
+def measure_one(args) -> None:
+    """Child process: one (model, stage, K) row, or the single-trial row when K is 0."""
+    import step_rate
+    from tsdsae.train_step import keep_freed_memory
+
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    device = torch.device(args.device)
+    variant, stage = args.model.split(":")
+    stage = int(stage)
+    if args.k == 0:
+        dt = step_rate.time_steps(step_rate.setup_step(variant, stage, args.z_dim, args.batch,
+                                                       args.frames, device),
+                                  device, args.steps, 2)
+    else:
+        dt = step_rate.time_steps(packed_step(variant, stage, args.z_dim, args.k, args.batch,
+                                              args.frames, device), device, args.steps, 2)
+    print(json.dumps({"steps_per_s": 1 / dt,
+                      "peak_memory_mb": step_rate.peak_memory_mb(device)}), flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--packs", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--models", nargs="+", default=["dsae:1", "ts_dsae:2"],
+                   help="variant:stage pairs")
+    p.add_argument("--z-dim", type=int, default=32)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--frames", type=int, default=251)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--k", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.k is not None:
+        measure_one(args)
+        return 0
+    common = ["--device", args.device, "--z-dim", str(args.z_dim), "--batch", str(args.batch),
+              "--frames", str(args.frames), "--threads", str(args.threads),
+              "--steps", str(args.steps)]
+
+    def child(model: str, k: int) -> dict:
+        out = subprocess.run([sys.executable, __file__, *common, "--model", model, "--k", str(k)],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
+    for model in args.models:
+        variant, stage = model.split(":")
+        single = child(model, 0)
+        base = {"model": variant, "stage": int(stage), "z_dim": args.z_dim, "batch": args.batch,
+                "frames": args.frames, "device": args.device, "gpu": gpu,
+                "threads": args.threads}
+        print(json.dumps({**base, "k": 1, "packed": False,
+                          "steps_per_s": round(single["steps_per_s"], 3),
+                          "trial_steps_per_s": round(single["steps_per_s"], 3),
+                          "peak_memory_mb": round(single["peak_memory_mb"], 1)}), flush=True)
+        for k in args.packs:
+            row = child(model, k)
+            trial = k * row["steps_per_s"]
+            print(json.dumps({**base, "k": k, "packed": True,
+                              "steps_per_s": round(row["steps_per_s"], 3),
+                              "trial_steps_per_s": round(trial, 3),
+                              "single_steps_per_s": round(single["steps_per_s"], 3),
+                              "ratio": round(trial / single["steps_per_s"], 3),
+                              "peak_memory_mb": round(row["peak_memory_mb"], 1)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -145,15 +145,15 @@ OPTIONS = [dict(),
 
 @pytest.mark.parametrize("options", OPTIONS,
                          ids=["default", "recurrent", "backward-mlp", "forward-lstm"])
-@pytest.mark.parametrize("lstm", ["per-member", "batched-recurrence"])
-def test_packed_pass_equals_each_members_plain_pass(options, lstm, monkeypatch):
+@pytest.mark.parametrize("kernels", ["per-member", "batched"])
+def test_packed_pass_equals_each_members_plain_pass(options, kernels, monkeypatch):
     """Plain reference: each member's own DSAE.forward and losses, with its own generator's
     draws; unequal lengths, both swaps, float64, every option string; both ways of running the
-    packed LSTMs (CPU: torch's kernel per member; GPU: the batched recurrence over t)."""
+    packed layers (CPU: member by member; GPU: baddbmm and the batched LSTM recurrence)."""
     from tsdsae.config import ModelConfig
-    from tsdsae.model.packed import PackedLSTM
+    from tsdsae.model import packed
 
-    monkeypatch.setattr(PackedLSTM, "per_member_on_cpu", lstm == "per-member")
+    monkeypatch.setattr(packed, "PER_MEMBER_ON_CPU", kernels == "per-member")
 
     cfg = ModelConfig(input_dim=12, v_dim=4, z_dim=3, encoder_hidden=(8, 8),
                       transition_hidden=(5, 5), decoder_hidden=(8, 8), **options)
@@ -185,7 +185,8 @@ def test_packed_pass_equals_each_members_plain_pass(options, lstm, monkeypatch):
         ref["total"] = sum(ref.values())
         ref["total"].backward()
         for name, value in ref.items():
-            assert float(terms[name][k]) == pytest.approx(float(value), rel=1e-12, abs=1e-14)
+            assert float(terms[name][k].detach()) == pytest.approx(float(value.detach()),
+                                                                  rel=1e-12, abs=1e-14)
         for (name, p), q in zip(pack.named_parameters(), members[k].parameters()):
             assert torch.allclose(p.grad[k], q.grad, rtol=1e-10, atol=1e-13), name
         assert torch.allclose(out.x_mean[k * b:(k + 1) * b], o.x_mean, rtol=1e-12, atol=1e-13)

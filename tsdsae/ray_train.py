@@ -47,9 +47,9 @@ import torch
 
 from tsdsae import checkpoint, schedule, tracking
 from tsdsae.config import PRESETS, RunConfig, apply_overrides
+from tsdsae.packed_train import PackedTrainer
 from tsdsae.storage import absolute_location, open_store, resolve_endpoint
 from tsdsae.train_step import keep_freed_memory
-from tsdsae.packed_train import PackedTrainer
 from tsdsae.trainer import Trainer, load_data
 
 STATE_FILE = "state.pt"

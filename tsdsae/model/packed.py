@@ -39,6 +39,13 @@ from tsdsae.model.dsae import DSAE
 from tsdsae.model.layers import MLP, DiagNormal
 
 
+# How packed layers run on CPU: True = member by member through the CPU kernels (oneDNN
+# linears, torch's fused LSTM), since a CPU has no kernel launches to save; False = the batched
+# form the GPU runs (one baddbmm per linear map, the LSTM recurrence over t on (K, B, H)).
+# Both compute the same function (tests run both on CPU).
+PER_MEMBER_ON_CPU = True
+
+
 class PackState:
     """What every packed layer of one pack shares: `members` K, `batch` B (rows per member in the
     current pass) and `drawing` (K,) bool, which members draw noise now (see MemberNoise).
@@ -77,25 +84,30 @@ class PackState:
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   state: PackState) -> torch.Tensor:
     """Each member's x W_k^T + b_k: x (R, ..., I) with R = G*K*B rows (PackState layout),
-    weight (K, O, I), bias (K, O) or None -> (R, ..., O). One batched matrix product; for G > 1
-    the chunks are gathered per member first."""
+    weight (K, O, I), bias (K, O) or None -> (R, ..., O). One batched matrix product (for
+    G > 1 the chunks are gathered per member first); on CPU, see PER_MEMBER_ON_CPU."""
     k, rows, width = weight.shape[0], x.shape[0], x.shape[-1]
     g = state.chunks(rows)
     inner = x.shape[1:-1]
-    if g == 1:
-        xs = x.reshape(k, -1, width)                                   # (K, B*M, I): a view
+    if x.device.type == "cpu" and PER_MEMBER_ON_CPU:
+        # CPU: no launches to save; each (chunk, member) block, a contiguous run of rows, goes
+        # through tsdsae.model.fast_cpu.linear (oneDNN for float32 with many rows, several times
+        # faster than a batched sgemm) and no chunk is gathered. unbind, not indexing: an
+        # index's backward writes a full-size zero gradient per block.
+        weights = weight.unbind(0)
+        biases = [None] * k if bias is None else bias.unbind(0)
+        blocks = x.reshape(g * k, -1, width).unbind(0)
+        y = torch.stack([fast_cpu.linear(xb, weights[i % k], biases[i % k])
+                         for i, xb in enumerate(blocks)])
     else:
-        xs = x.reshape(g, k, -1, width).transpose(0, 1).reshape(k, -1, width)
-    if xs.device.type == "cpu":
-        # CPU: no launches to save; each member's map through tsdsae.model.fast_cpu.linear
-        # (oneDNN for float32 with many rows, several times faster than the batched sgemm)
-        y = torch.stack([fast_cpu.linear(xs[m], weight[m], None if bias is None else bias[m])
-                         for m in range(k)])
-    else:
+        if g == 1:
+            xs = x.reshape(k, -1, width)                               # (K, B*M, I): a view
+        else:
+            xs = x.reshape(g, k, -1, width).transpose(0, 1).reshape(k, -1, width)
         wt = weight.transpose(1, 2)
         y = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
-    if g != 1:
-        y = y.reshape(k, g, -1, y.shape[-1]).transpose(0, 1)
+        if g != 1:
+            y = y.reshape(k, g, -1, y.shape[-1]).transpose(0, 1)
     return y.reshape(rows, *inner, weight.shape[1])
 
 
@@ -139,14 +151,10 @@ class PackedLSTM(nn.Module):
             setattr(self, name, _stack([getattr(m, name) for m in lstms]))
         self.state = state
 
-    # CPU: each member's rows through torch's fused LSTM kernel (one call per member); elsewhere
-    # (GPU) the batched recurrence over t. Both are the same function (tested).
-    per_member_on_cpu = True
-
     def forward(self, x: torch.Tensor, hx=None):
         if hx is not None:
             raise ValueError("PackedLSTM starts from a zero state")
-        if x.device.type == "cpu" and self.per_member_on_cpu:
+        if x.device.type == "cpu" and PER_MEMBER_ON_CPU:
             return self._per_member(x)
         return self._recurrence(x)
 
@@ -157,11 +165,12 @@ class PackedLSTM(nn.Module):
             x.reshape(k, -1, *x.shape[1:])                                  # (K, G*B, T, I)
         names = [f"{n}_l{layer}" for layer in range(self.num_layers)
                  for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        weights = list(zip(*(getattr(self, n).unbind(0) for n in names)))   # K x (params)
         outs, hs, cs = [], [], []
-        for m in range(k):
-            xm = blocks[m].reshape(-1, *x.shape[1:])
+        for m, block in enumerate(blocks.unbind(0)):
+            xm = block.reshape(-1, *x.shape[1:])
             zeros = x.new_zeros(self.num_layers, xm.shape[0], self.hidden_size)
-            out, h, c = torch.lstm(xm, (zeros, zeros), [getattr(self, n)[m] for n in names],
+            out, h, c = torch.lstm(xm, (zeros, zeros), list(weights[m]),
                                    True, self.num_layers, 0.0, self.training, False, True)
             outs.append(out)
             hs.append(h)

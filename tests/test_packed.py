@@ -197,3 +197,56 @@ def test_members_must_share_the_architecture(tmp_path):
         check_packable([_cfg(tmp_path, "a"), _cfg(tmp_path, "b", "model.z_dim=4")])
     with pytest.raises(ValueError, match="distinct names"):
         check_packable([_cfg(tmp_path, "a"), _cfg(tmp_path, "a", "seed=3")])
+
+
+def _ddp_rank(rank: int, world: int, port: int, root: str) -> None:
+    """One gloo rank: member 0 of a float64 pack and the same run alone, both split across the
+    ranks as tsdsae.ray_train's workers split them (no Ray: the process group is made here)."""
+    import os
+
+    import torch.distributed as dist
+
+    from tsdsae.ray_train import RankPackedTrainer, RankTrainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        c = apply_overrides(debug(), TINY).data
+        data = _as64(make_toy_dataset(c.toy_clips, c.toy_seconds, c.toy_instruments,
+                                      seed=c.toy_seed))
+        cfgs = [_cfg(root, "ddp_ts", "seed=11", "schedule.switch_epoch=2"),
+                _cfg(root, "ddp_freeze", "seed=13", "schedule.switch_epoch=2",
+                     "schedule.variant=dsae_freeze")]
+        pack = RankPackedTrainer(cfgs, data=data, dtype=torch.float64, rank=rank,
+                                 world_size=world)
+        alone = RankTrainer(cfgs[0], data=data, progress=False, rank=rank, world_size=world)
+        alone.model.double()
+        for epoch in range(4):
+            pack.run_epoch(epoch)
+            if epoch in (0, 2):                  # a stage's trainable set, then its DDP
+                alone.prepare_epoch(epoch)
+                alone.wrap()
+            alone.run_epoch(epoch)
+        if rank == 0:
+            torch.save({"pack": pack.model.member_state_dict(0),
+                        "alone": alone.model.state_dict(),
+                        "pack_val": [h["val_loss"] for h in pack.history[0]],
+                        "alone_val": [h["val_loss"] for h in alone.history]},
+                       f"{root}/ddp.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_member_of_a_data_parallel_pack_equals_its_data_parallel_run(tmp_path):
+    """Two DDP ranks (gloo): each member's batch split across the ranks, weighted gradient
+    all-reduce, epoch sums across ranks; member 0 follows the same run trained with the same
+    two ranks unpacked (float64, 4 epochs across the switch)."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    mp.spawn(_ddp_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    out = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert max(_rel(out["pack"][n], out["alone"][n]) for n in out["alone"]) < 1e-9
+    assert out["pack_val"] == pytest.approx(out["alone_val"], rel=1e-10)

@@ -287,6 +287,21 @@ def _report(trainer: RankTrainer, record: dict, save: bool) -> None:
                          checkpoint_dir_name=f"epoch_{record['epoch']:06d}")
 
 
+def _worker_setup(config: dict) -> tuple[int, int, torch.device]:
+    """A Ray Train worker's rank, world size and device; its torch threads (config "threads"),
+    the device's settings and, on CPU, the allocator setting for training steps."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    torch.set_num_threads(int(config.get("threads", 1)))
+    device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+    configure_device(device)
+    if device.type == "cpu":
+        keep_freed_memory()   # process-wide allocator setting for CPU steps (see its docstring)
+    return ctx.get_world_rank(), ctx.get_world_size(), device
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One stage of one run on one Ray Train worker.
 
@@ -296,18 +311,10 @@ def train_loop_per_worker(config: dict) -> None:
     epoch is logged and reported; see train_driver_fn).
     """
     import ray.train
-    import ray.train.torch
 
     cfg: RunConfig = config["run_config"]
     stage = int(config["stage"])
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(int(config.get("threads", 1)))
-    device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
-    configure_device(device)
-    if device.type == "cpu":
-        keep_freed_memory()   # process-wide allocator setting for CPU steps (see its docstring)
-
+    rank, world_size, device = _worker_setup(config)
     trainer = RankTrainer(cfg, data=_load_worker_data(cfg, device), device=device,
                           progress=False, rank=rank, world_size=world_size)
     s = cfg.schedule
@@ -349,16 +356,9 @@ def train_pack_per_worker(config: dict) -> None:
     each member's best.pt / last.pt and logs each member's epochs to its own MLflow run.
     """
     import ray.train
-    import ray.train.torch
 
     cfgs: list[RunConfig] = config["run_configs"]
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(int(config.get("threads", 1)))
-    device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
-    configure_device(device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    rank, world_size, device = _worker_setup(config)
     trainer = RankPackedTrainer(cfgs, data=_load_worker_data(cfgs[0], device), device=device,
                                 pack_dir=config["pack_dir"], rank=rank, world_size=world_size)
     if not trainer.resume():

@@ -378,6 +378,18 @@ def train_pack_per_worker(config: dict) -> None:
     trainer.fit(resume=False, save=rank == 0, after_epoch=report)
 
 
+def scaling_config(options: RayOptions):
+    """ray.train.ScalingConfig of a stage or pack job: the workers and each one's CPUs (and GPU
+    share)."""
+    import ray.train
+
+    resources = {"CPU": options.cpus_per_worker}
+    if options.use_gpu:
+        resources["GPU"] = options.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu,
+                                   resources_per_worker=resources)
+
+
 def run_pack_stage(cfgs: Sequence[RunConfig], options: RayOptions, init_checkpoint,
                    pack_dir: str, trackers: Sequence[tracking.Tracker]):
     """Fit the TorchTrainer of one pack (Ray run `stage_2_pack` under `pack_dir`): stage 2 of
@@ -388,9 +400,6 @@ def run_pack_stage(cfgs: Sequence[RunConfig], options: RayOptions, init_checkpoi
 
     endpoint = resolve_endpoint(cfgs[0].data.endpoint_url or None)
     storage_path, filesystem = open_store(pack_dir, endpoint).arrow_filesystem()
-    resources = {"CPU": options.cpus_per_worker}
-    if options.use_gpu:
-        resources["GPU"] = options.gpus_per_worker
     trainer = TorchTrainer(
         train_pack_per_worker,
         train_loop_config={
@@ -398,9 +407,7 @@ def run_pack_stage(cfgs: Sequence[RunConfig], options: RayOptions, init_checkpoi
             "pack_dir": pack_dir, "tracking_uri": trackers[0].uri,
             "mlflow_run_ids": [t.run_id for t in trackers],
             "threads": options.torch_threads, "use_gpu": options.use_gpu},
-        scaling_config=ray.train.ScalingConfig(num_workers=options.num_workers,
-                                               use_gpu=options.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=scaling_config(options),
         run_config=ray.train.RunConfig(
             name="stage_2_pack", storage_path=storage_path, storage_filesystem=filesystem,
             worker_runtime_env=WORKER_ENV,
@@ -457,9 +464,6 @@ def run_stage(cfg: RunConfig, options: RayOptions, stage: int, init_checkpoint=N
     endpoint = resolve_endpoint(cfg.data.endpoint_url or None)
     storage_path, filesystem = _storage(cfg, endpoint)
     tracker = tracker or tracking.NullTracker()
-    resources = {"CPU": options.cpus_per_worker}
-    if options.use_gpu:
-        resources["GPU"] = options.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -467,9 +471,7 @@ def run_stage(cfg: RunConfig, options: RayOptions, stage: int, init_checkpoint=N
             "tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
             "threads": options.torch_threads, "use_gpu": options.use_gpu,
             "epoch_callbacks": list(epoch_callbacks)},
-        scaling_config=ray.train.ScalingConfig(num_workers=options.num_workers,
-                                               use_gpu=options.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=scaling_config(options),
         run_config=ray.train.RunConfig(
             name=f"stage_{stage}", storage_path=storage_path, storage_filesystem=filesystem,
             callbacks=callbacks, worker_runtime_env=WORKER_ENV,

@@ -16,7 +16,8 @@ from tsdsae.packed_train import PackedTrainer, check_packable
 from tsdsae.toy import make_toy_dataset
 from tsdsae.trainer import Trainer
 
-TINY = ["data.toy_clips=80", "data.toy_seconds=0.5", "optim.batch_size=16", "schedule.switch_epoch=4",
+TINY = ["data.toy_clips=80", "data.toy_seconds=0.5", "optim.batch_size=16",
+        "schedule.switch_epoch=4",
         "schedule.max_epochs=13", "schedule.patience=20"]
 
 
@@ -52,11 +53,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-MEMBERS = [("ts", ["schedule.variant=ts_dsae", "seed=11"]),
-           ("wo_reg_amsgrad", ["schedule.variant=ts_dsae_wo_reg", "seed=12", "optim.amsgrad=true"]),
+MEMBERS = [("ts_weights", ["schedule.variant=ts_dsae", "seed=11",
+                            "schedule.swap_weights=[0.5,1,1,2]"]),
+           ("wo_reg_amsgrad", ["schedule.variant=ts_dsae_wo_reg", "seed=12", "optim.amsgrad=true",
+                               "schedule.switch_epoch=6"]),
            ("freeze_lr", ["schedule.variant=dsae_freeze", "seed=13", "optim.lr=3e-4"]),
-           ("dsae_stops", ["schedule.variant=dsae", "seed=14", "schedule.patience=1", "optim.lr=0.02",
-                           "schedule.swap_weights=[0.5,1,1,2]"])]
+           ("dsae_stops", ["schedule.variant=dsae", "seed=14", "schedule.patience=1",
+                           "optim.lr=0.02"])]
 
 
 @pytest.fixture(scope="module")

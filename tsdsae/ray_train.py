@@ -605,6 +605,6 @@ def driver_config(cfg: RunConfig, **options) -> dict:
 
 
 __all__ = ["RayOptions", "RankTrainer", "RankPackedTrainer", "train_pack_per_worker",
-           "run_pack_stage", "pack_markers", "BatchShare", "ddp_wrap", "WORKER_ENV",
-           "split_config", "run_dir", "stage_jobs", "train_loop_per_worker", "run_stage", "train_driver_fn",
-           "driver_config", "configure_device", "runtime_env"]
+           "run_pack_stage", "pack_markers", "scaling_config", "BatchShare", "ddp_wrap",
+           "WORKER_ENV", "split_config", "run_dir", "stage_jobs", "train_loop_per_worker",
+           "run_stage", "train_driver_fn", "driver_config", "configure_device", "runtime_env"]

@@ -59,11 +59,11 @@ def packed_step(variant: str, stage: int, z_dim: int, k: int, batch: int, frames
     for i, cfg in enumerate(cfgs):
         trainer.generators[i].manual_seed(i)
     swaps, weights = trainer.swap_weights(plans)
-    active = trainer._active(plans)
+    active = trainer.active(plans)
     idx = torch.arange(batch, device=device).repeat(k, 1)               # (K, B)
     flat = idx.reshape(-1)
     x, mask = trainer.train_split.features[flat], trainer.train_split.mask[flat]
-    prior = trainer._v_prior("train", idx, plans)
+    prior = trainer.v_prior("train", idx, plans)
 
     def step():
         return trainer.step(x, mask, prior, swaps, weights, active)

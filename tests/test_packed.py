@@ -99,7 +99,7 @@ def test_each_member_of_a_float64_pack_reproduces_its_run_alone(pack64, k, toy80
     if k == 0:      # the evaluation of the member equals the run's (float32 models, test split)
         from tsdsae.evaluate import evaluate
 
-        member = pack.member_model(k).float()
+        member = pack.model.member(k).float()
         alone32 = copy.deepcopy(alone.model).float()
         assert evaluate(member, toy_f32, "test") == evaluate(alone32, toy_f32, "test")
 

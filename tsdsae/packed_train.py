@@ -253,9 +253,6 @@ class PackedTrainer:
         cfg = self.cfgs[k]
         return f"{cfg.checkpoint.root.rstrip('/')}/{cfg.name}"
 
-    def member_model(self, k: int) -> DSAE:
-        return self.model.member(k)
-
     def _adam_template(self, k: int, model: DSAE) -> torch.optim.Adam:
         o = self.cfgs[k].optim
         return torch.optim.Adam(list(model.parameters()), lr=o.lr, betas=(o.beta1, o.beta2),
@@ -351,7 +348,7 @@ class PackedTrainer:
             self.prior = {"train": self._prior_of(self.train_split),
                           "val": self._prior_of(self.val_split)}
 
-    def _v_prior(self, name: str, idx: torch.Tensor, plans) -> DiagNormal | None:
+    def v_prior(self, name: str, idx: torch.Tensor, plans) -> DiagNormal | None:
         """The prior on v of a packed batch: member k's informed prior rows where its plan uses
         one, N(0, I) rows (zeros) elsewhere; None when no member uses one."""
         use = [p is not None and p.informed_prior for p in plans]
@@ -387,7 +384,7 @@ class PackedTrainer:
             self._build_prior_cache()
         return plans
 
-    def _active(self, plans) -> list[torch.Tensor]:
+    def active(self, plans) -> list[torch.Tensor]:
         """Per parameter, which members update it this epoch (K,) bool."""
         return [torch.tensor([p is not None and group in p.trainable for p in plans],
                              device=self.device) for group in self.groups]
@@ -455,7 +452,7 @@ class PackedTrainer:
     def _run_split(self, split: Split, name: str, plans, epoch: int, train: bool
                    ) -> dict[str, torch.Tensor]:
         swaps, weights = self.swap_weights(plans)
-        active = self._active(plans) if train else None
+        active = self.active(plans) if train else None
         sums: dict[str, torch.Tensor] = {}
         for idx, count, size in self._batches(len(split), train, epoch):
             idx = idx.to(self.device)
@@ -463,7 +460,7 @@ class PackedTrainer:
             if train:
                 self._before_train_step(count / size)
             terms = self.step(split.features[flat], split.mask[flat],
-                              self._v_prior(name, idx, plans), swaps, weights, active)
+                              self.v_prior(name, idx, plans), swaps, weights, active)
             for key, v in terms.items():
                 sums[key] = sums.get(key, 0.0) + v * count
         names = sorted(sums)

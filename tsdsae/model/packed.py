@@ -21,7 +21,7 @@ Randomness. Each member draws its reparameterisation noise from its own generato
 as an unpacked run draws from torch's global generator, so a member's samples do not depend on
 the pack it is in or on K.
 
-`PackedDSAE.from_members([DSAE, ...])` packs plain models; `member(k)` / `member_state_dict(k)`
+`PackedDSAE([DSAE, ...])` packs plain models; `member(k)` / `member_state_dict(k)`
 unpack one (the same state-dict keys as the plain model), so checkpoints, evaluation and figures
 of a member are those of a plain run.
 """
@@ -324,10 +324,6 @@ class PackedDSAE(DSAE):
         for k, snap in enumerate(snaps):
             if snap is not None:
                 self.take_member_snapshot(k, snap)
-
-    @classmethod
-    def from_members(cls, members: Sequence[DSAE]) -> "PackedDSAE":
-        return cls(members)
 
     @property
     def members(self) -> int:

@@ -2,15 +2,18 @@
 
     python benchmarks/packed_rate.py [--device cpu|cuda] [--packs 1 2 4 8 16 32]
                                      [--models dsae:1 ts_dsae:2] [--z-dim 32] [--batch 128]
-                                     [--frames 251] [--threads N] [--steps 5]
+                                     [--frames 251] [--threads N] [--steps 5] [--rounds 3]
 
 For each model/stage and each pack size K, one JSON line: the packed step (K members, each its
 own batch of `--batch` clips; PackedTrainer.step: forward, per-member losses, backward,
-PackedAdam) as steps/s and trial_steps_per_s = K x steps/s, beside the unpacked single-trial step
-(the trainer's pass, benchmarks/step_rate.py) measured in the same process:
-ratio = trial_steps_per_s / single_steps_per_s (>= 1: packing beats running the members one
-after another). peak_memory_mb: the GPU's peak allocation for this K, or on CPU the process's
-peak resident memory so far (each K runs in a fresh process, so it is this K's).
+PackedAdam; on CPU the member passes, on a GPU the fused pass) as steps/s and
+trial_steps_per_s = K x steps/s, beside the unpacked single-trial step (the trainer's pass,
+benchmarks/step_rate.py) timed in the same process in alternating rounds on equal work:
+ratio = the median over rounds of K x packed steps/s / single steps/s (>= 1: packing beats
+running the members one after another; round_ratios lists them). A first line per model (k 1,
+packed false) is the single trial alone in its own process. peak_memory_mb: the GPU's peak
+allocation, or on CPU the process's peak resident memory, of the packed step alone (read before
+the single trial is built; each K runs in a fresh process).
 """
 from __future__ import annotations
 
@@ -58,21 +61,26 @@ def packed_step(variant: str, stage: int, z_dim: int, k: int, batch: int, frames
         raise ValueError(f"{variant} has no stage {stage}")
     for i, cfg in enumerate(cfgs):
         trainer.generators[i].manual_seed(i)
-    swaps, weights = trainer.swap_weights(plans)
-    active = trainer.active(plans)
     idx = torch.arange(batch, device=device).repeat(k, 1)               # (K, B)
     flat = idx.reshape(-1)
     x, mask = trainer.train_split.features[flat], trainer.train_split.mask[flat]
     prior = trainer.v_prior("train", idx, plans)
 
     def step():
-        return trainer.step(x, mask, prior, swaps, weights, active)
+        return trainer.step(x, mask, plans, prior)
 
     return step
 
 
-def measure_one(args) -> None:
-    """Child process: one (model, stage, K) row, or the single-trial row when K is 0."""
+def measure_one(args) -> dict:
+    """Child process: one (model, stage, K) row; K = 0 is the unpacked single trial alone.
+
+    For K >= 1 the packed step's peak memory is read first (before the single trial exists);
+    then `--rounds` rounds alternate the two on the same work, K x n single-trial steps and n
+    packed steps (n = ceil(steps / K)), so that drift of the machine's speed hits both alike;
+    the ratio is the median of the rounds' ratios."""
+    import statistics
+
     import step_rate
     from tsdsae.train_step import keep_freed_memory
 
@@ -81,15 +89,27 @@ def measure_one(args) -> None:
     device = torch.device(args.device)
     variant, stage = args.model.split(":")
     stage = int(stage)
+
+    def single():
+        return step_rate.setup_step(variant, stage, args.z_dim, args.batch, args.frames, device)
+
     if args.k == 0:
-        dt = step_rate.time_steps(step_rate.setup_step(variant, stage, args.z_dim, args.batch,
-                                                       args.frames, device),
-                                  device, args.steps, 2)
-    else:
-        dt = step_rate.time_steps(packed_step(variant, stage, args.z_dim, args.k, args.batch,
-                                              args.frames, device), device, args.steps, 2)
-    print(json.dumps({"steps_per_s": 1 / dt,
-                      "peak_memory_mb": step_rate.peak_memory_mb(device)}), flush=True)
+        dt = step_rate.time_steps(single(), device, args.steps, 2)
+        return {"steps_per_s": 1 / dt, "peak_memory_mb": step_rate.peak_memory_mb(device)}
+    packed = packed_step(variant, stage, args.z_dim, args.k, args.batch, args.frames, device)
+    n = -(-args.steps // args.k)
+    first = step_rate.time_steps(packed, device, n, 2)
+    peak = step_rate.peak_memory_mb(device)
+    one = single()
+    step_rate.time_steps(one, device, 1, 2)                                   # its warm-up
+    packed_dt, single_dt, ratios = [first], [], []
+    for _ in range(args.rounds):
+        single_dt.append(step_rate.time_steps(one, device, n * args.k, 0))
+        packed_dt.append(step_rate.time_steps(packed, device, n, 0))
+        ratios.append(args.k * single_dt[-1] / packed_dt[-1])
+    return {"steps_per_s": 1 / statistics.median(packed_dt),
+            "single_steps_per_s": 1 / statistics.median(single_dt),
+            "ratio": statistics.median(ratios), "ratios": ratios, "peak_memory_mb": peak}
 
 
 def main(argv=None) -> int:
@@ -103,15 +123,17 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=251)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating rounds of single and packed steps per K (median ratio)")
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--k", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.k is not None:
-        measure_one(args)
+        print(json.dumps(measure_one(args)), flush=True)
         return 0
     common = ["--device", args.device, "--z-dim", str(args.z_dim), "--batch", str(args.batch),
               "--frames", str(args.frames), "--threads", str(args.threads),
-              "--steps", str(args.steps)]
+              "--steps", str(args.steps), "--rounds", str(args.rounds)]
 
     def child(model: str, k: int) -> dict:
         out = subprocess.run([sys.executable, __file__, *common, "--model", model, "--k", str(k)],
@@ -131,12 +153,12 @@ def main(argv=None) -> int:
                           "peak_memory_mb": round(single["peak_memory_mb"], 1)}), flush=True)
         for k in args.packs:
             row = child(model, k)
-            trial = k * row["steps_per_s"]
             print(json.dumps({**base, "k": k, "packed": True,
                               "steps_per_s": round(row["steps_per_s"], 3),
-                              "trial_steps_per_s": round(trial, 3),
-                              "single_steps_per_s": round(single["steps_per_s"], 3),
-                              "ratio": round(trial / single["steps_per_s"], 3),
+                              "trial_steps_per_s": round(k * row["steps_per_s"], 3),
+                              "single_steps_per_s": round(row["single_steps_per_s"], 3),
+                              "ratio": round(row["ratio"], 3),
+                              "round_ratios": [round(r, 3) for r in row["ratios"]],
                               "peak_memory_mb": round(row["peak_memory_mb"], 1)}), flush=True)
     return 0
 

@@ -62,23 +62,42 @@ MEMBERS = [("ts_weights", ["schedule.variant=ts_dsae", "seed=11",
                            "optim.lr=0.02"])]
 
 
-@pytest.fixture(scope="module")
-def pack64(toy80, tmp_path_factory):
+# The two ways a pack runs its passes (tsdsae.packed_train): member by member through the
+# unpacked CPU pass (the CPU default) and fused (the GPU default), both on this CPU.
+PASSES = {"member-passes": True, "fused": False}
+
+
+@pytest.fixture(scope="module", params=list(PASSES))
+def pack64(request, toy80, tmp_path_factory):
     """Four different runs in one float64 pack over 13 epochs (4 steps each: 52 steps, across
     the switch at epoch 4), one of which stops early."""
     root = tmp_path_factory.mktemp("pack64")
     data = _as64(toy80)
     cfgs = [_cfg(root, name, *o) for name, o in MEMBERS]
-    pack = PackedTrainer(cfgs, data=data, dtype=torch.float64)
+    pack = PackedTrainer(cfgs, data=data, dtype=torch.float64,
+                         member_passes=PASSES[request.param])
     summaries = pack.fit(resume=False)
     return cfgs, data, pack, summaries
 
 
+@pytest.fixture(scope="module")
+def alone64(toy80, tmp_path_factory):
+    """Each member of MEMBERS trained alone (float64), computed once: {k: (trainer, records)}."""
+    root, data, runs = tmp_path_factory.mktemp("alone64"), _as64(toy80), {}
+
+    def get(k):
+        if k not in runs:
+            cfg = _cfg(root, MEMBERS[k][0], *MEMBERS[k][1])
+            runs[k] = _alone(cfg, data, cfg.schedule.max_epochs)
+        return runs[k]
+    return get
+
+
 @pytest.mark.parametrize("k", range(len(MEMBERS)))
-def test_each_member_of_a_float64_pack_reproduces_its_run_alone(pack64, k, toy80):
+def test_each_member_of_a_float64_pack_reproduces_its_run_alone(pack64, alone64, k, toy80):
     toy_f32 = toy80
     cfgs, data, pack, summaries = pack64
-    alone, records = _alone(cfgs[k], data, cfgs[k].schedule.max_epochs)
+    alone, records = alone64(k)
     assert len(pack.history[k]) == len(records)
     mine = pack.model.member_state_dict(k)
     theirs = alone.model.state_dict()
@@ -88,6 +107,8 @@ def test_each_member_of_a_float64_pack_reproduces_its_run_alone(pack64, k, toy80
     for a, b in zip(pack.history[k], records):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-10)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-10)
+        # the same logged terms as the run alone (no swap terms for a member without swaps)
+        assert sorted(a) == sorted(b)
     assert summaries[k]["best_epoch"] == alone.early["best_epoch"]
     # the informed prior: the member's snapshot is the one its run took at its switch
     snap = pack.model.member_snapshot_state_dict(k)
@@ -202,7 +223,7 @@ def test_members_must_share_the_architecture(tmp_path):
         check_packable([_cfg(tmp_path, "a"), _cfg(tmp_path, "a", "seed=3")])
 
 
-def _ddp_rank(rank: int, world: int, port: int, root: str) -> None:
+def _ddp_rank(rank: int, world: int, port: int, root: str, member_passes: bool) -> None:
     """One gloo rank: member 0 of a float64 pack and the same run alone, both split across the
     ranks as tsdsae.ray_train's workers split them (no Ray: the process group is made here)."""
     import os
@@ -222,7 +243,7 @@ def _ddp_rank(rank: int, world: int, port: int, root: str) -> None:
                 _cfg(root, "ddp_freeze", "seed=13", "schedule.switch_epoch=2",
                      "schedule.variant=dsae_freeze")]
         pack = RankPackedTrainer(cfgs, data=data, dtype=torch.float64, rank=rank,
-                                 world_size=world)
+                                 world_size=world, member_passes=member_passes)
         alone = RankTrainer(cfgs[0], data=data, progress=False, rank=rank, world_size=world)
         alone.model.double()
         for epoch in range(4):
@@ -243,7 +264,8 @@ def _ddp_rank(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def test_a_member_of_a_data_parallel_pack_equals_its_data_parallel_run(tmp_path):
+@pytest.mark.parametrize("passes", list(PASSES))
+def test_a_member_of_a_data_parallel_pack_equals_its_data_parallel_run(tmp_path, passes):
     """Two DDP ranks (gloo): each member's batch split across the ranks, weighted gradient
     all-reduce, epoch sums across ranks; member 0 follows the same run trained with the same
     two ranks unpacked (float64, 4 epochs across the switch)."""
@@ -252,7 +274,8 @@ def test_a_member_of_a_data_parallel_pack_equals_its_data_parallel_run(tmp_path)
     from conftest import free_port
 
     ctx, port = mp.get_context("spawn"), free_port()
-    ranks = [ctx.Process(target=_ddp_rank, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    ranks = [ctx.Process(target=_ddp_rank, args=(r, 2, port, str(tmp_path), PASSES[passes]))
+             for r in range(2)]
     for p in ranks:
         p.start()
     for p in ranks:

@@ -17,6 +17,16 @@ would train it alone:
     as for any run.
 The pack's own state (every member, optimiser, epoch) is saved as pack.pt in the pack's folder;
 a rerun with the same folder resumes it at the last saved epoch.
+
+Two ways to run a pack's passes, one result (tested equal):
+  - fused (GPUs): one pass of the PackedDSAE over the packed batch (K blocks of B rows), each
+    linear map one batched product over the K members;
+  - member passes (CPU, the default there): a CPU has no kernel launches to save, so each
+    member's pass is the unpacked trainer's own (tsdsae.train_step.loss_terms through
+    tsdsae.model.fast_cpu) on a view of the member's slices of the packed parameters
+    (PackedDSAE.member_view), its noise and permutations drawn from its own generator; the
+    gradients land in the stacked gradients, and one PackedAdam step updates every member.
+    Activations live for one member at a time, so memory does not grow with K.
 """
 from __future__ import annotations
 
@@ -35,9 +45,11 @@ from tsdsae.model import fast_cpu
 from tsdsae.model.dsae import DSAE
 from tsdsae.model.layers import DiagNormal, noise_source
 from tsdsae.model.packed import MemberNoise, PackedDSAE, block_permutation
+from tsdsae.train_step import loss_terms
 from tsdsae.trainer import batch_parts, epoch_seed, load_data, resolve_device
 
 # Keys members of one pack must share (the rest may differ per member).
+SWAP_TERMS = TERMS[3:]
 SHARED_KEYS = ("model", "data", "optim.batch_size", "optim.beta1", "optim.beta2", "optim.eps",
                "optim.weight_decay", "device")
 
@@ -91,9 +103,13 @@ class PackedAdam:
                        "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
                        "max_exp_avg_sq": torch.zeros_like(p)} for p in self.params]
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients, or zero them in place (keeping views of them valid)."""
         for p in self.params:
-            p.grad = None
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
 
     @torch.no_grad()
     def step(self, active: Sequence[torch.Tensor]) -> None:
@@ -202,6 +218,7 @@ class PackedTrainer:
     default; float64 for equivalence checks). `callbacks` get (member index, record) after each
     epoch of a member that is still training. `rank` / `world_size` make it one data-parallel
     rank (tsdsae.ray_train.RankPackedTrainer): each rank takes its part of every member's batch.
+    `member_passes`: run the passes member by member (see the module docstring); None: on CPU.
     Raises ValueError when the runs cannot share a pack (check_packable).
     """
 
@@ -209,7 +226,8 @@ class PackedTrainer:
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  starts: Sequence[dict | None] | None = None, pack_dir: str | None = None,
                  callbacks: list[Callable[[int, dict], None]] | None = None,
-                 progress: bool = False, rank: int = 0, world_size: int = 1):
+                 progress: bool = False, rank: int = 0, world_size: int = 1,
+                 member_passes: bool | None = None):
         check_packable(cfgs)
         self.cfgs = list(cfgs)
         self.k = len(cfgs)
@@ -234,6 +252,12 @@ class PackedTrainer:
                                     first.optim.weight_decay)
         self.generators = [torch.Generator(self.device) for _ in cfgs]
         self.noise = MemberNoise(self.model.pack, self.generators)
+        self.member_passes = (self.device.type == "cpu" if member_passes is None
+                              else bool(member_passes))
+        self._views: list[DSAE] | None = None       # member views (member passes), built lazily
+        self._passes: list[torch.nn.Module] = []
+        self._view_trainable: list[frozenset | None] = []
+        self._active: dict[tuple, list[torch.Tensor]] = {}
         self.epoch = 0
         self.stage: list[int | None] = [None] * self.k
         self.early = [{"best_val": math.inf, "best_epoch": -1, "bad_epochs": 0} for _ in cfgs]
@@ -288,6 +312,7 @@ class PackedTrainer:
             self.early[k] = dict(s["early"])
             self.history[k] = list(s["history"])
         self.epoch = epochs.pop()
+        self._views = None
         self._build_prior_cache()
 
     # -- the pack's own checkpoint --------------------------------------------------------------
@@ -321,6 +346,7 @@ class PackedTrainer:
         self.early = [dict(e) for e in state["early"]]
         self.history = [list(h) for h in state["history"]]
         self.done = list(state["done"])
+        self._views = None
         self._build_prior_cache()
 
     def resume(self) -> bool:
@@ -381,13 +407,18 @@ class PackedTrainer:
                 self.stage[k] = plan.stage
             plans.append(plan)
         if switched:
+            self._views = None
             self._build_prior_cache()
         return plans
 
     def active(self, plans) -> list[torch.Tensor]:
-        """Per parameter, which members update it this epoch (K,) bool."""
-        return [torch.tensor([p is not None and group in p.trainable for p in plans],
+        """Per parameter, which members update it under `plans` (K,) bool (cached per plans)."""
+        key = tuple(plans)
+        if key not in self._active:
+            self._active[key] = [
+                torch.tensor([p is not None and group in p.trainable for p in plans],
                              device=self.device) for group in self.groups]
+        return self._active[key]
 
     # -- epochs ---------------------------------------------------------------------------------
 
@@ -415,13 +446,21 @@ class PackedTrainer:
                                dtype=self.dtype, device=self.device)
         return swaps, weights
 
-    def step(self, x: torch.Tensor, mask: torch.Tensor, prior: DiagNormal | None,
-             swaps: Sequence[bool], weights: torch.Tensor,
-             active: Sequence[torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """One pass of a packed batch x (K*B, T, F), mask (K*B, T): each member's loss terms
-        (K,); with `active` (per parameter, see PackedAdam.step) also backward and the
-        optimiser step. Members with swaps[k] draw their two permutations first, as
+    def step(self, x: torch.Tensor, mask: torch.Tensor, plans, prior: DiagNormal | None = None,
+             train: bool = True) -> dict[str, torch.Tensor]:
+        """One pass of a packed batch x (K*B, T, F), mask (K*B, T) under each member's plan
+        (`prepare_epoch`; None for a finished member, whose parameters do not change); `prior`
+        the packed informed prior (`v_prior`). Returns each member's loss terms (K,) (a term a
+        member's plan lacks, e.g. the swap terms without swaps, is 0 there; with member passes
+        a finished member's terms are 0). With `train`, also backward and the optimiser step.
+        Members with swaps draw their two permutations first, as
         tsdsae.train_step.loss_terms does."""
+        if self.member_passes:
+            return self._member_step(x, mask, plans, prior, train)
+        return self._fused_step(x, mask, plans, prior, train)
+
+    def _fused_step(self, x, mask, plans, prior, train) -> dict[str, torch.Tensor]:
+        swaps, weights = self.swap_weights(plans)
         b = x.shape[0] // self.k
         perms = None
         self.model.swap_members = list(swaps)
@@ -432,35 +471,93 @@ class PackedTrainer:
                      for g, s in zip(self.generators, swaps)]
             perms = (block_permutation([p[0] for p in pairs]),
                      block_permutation([p[1] for p in pairs]))
-        train = active is not None
         with torch.set_grad_enabled(train), noise_source(self.noise):
             out = (self.step_model if train else self.model)(x, mask, swap_perms=perms)
             terms = elbo_terms(x, mask, out, prior, member_masked_kl, members=self.k)
             if perms is not None:
                 terms.update(swap_terms(out, mask, perms, member_masked_kl, members=self.k))
+                on = torch.tensor(swaps, dtype=x.dtype, device=self.device)
+                terms.update({n: terms[n] * on for n in SWAP_TERMS})
             loss = terms["recon"] + terms["kl_z"] + terms["kl_v"]
-            for j, term in enumerate(TERMS[3:]):
+            for j, term in enumerate(SWAP_TERMS):
                 if term in terms:
                     loss = loss + weights[:, j] * terms[term]
             terms["loss"] = loss
             if train:
                 self.optimizer.zero_grad()
                 loss.sum().backward()
-                self.optimizer.step(active)
+                self.optimizer.step(self.active(plans))
         return {key: v.detach() for key, v in terms.items()}
+
+    def _member_views(self) -> list[DSAE]:
+        if self._views is None:
+            self._views = [self.model.member_view(k) for k in range(self.k)]
+            self._passes = [fast_cpu.for_device(v, self.device) for v in self._views]
+            self._view_trainable = [None] * self.k
+        return self._views
+
+    def _default_generator(self) -> torch.Generator:
+        if self.device.type == "cuda":
+            return torch.cuda.default_generators[self.device.index or 0]
+        return torch.default_generator
+
+    def _member_step(self, x, mask, plans, prior, train) -> dict[str, torch.Tensor]:
+        """Member passes: member k's rows through the unpacked trainer's pass on its view, with
+        its generator as the default one (what its run alone draws from), gradients into the
+        stacked gradients, then one PackedAdam step."""
+        views = self._member_views()
+        b = x.shape[0] // self.k
+        xs, ms = x.view(self.k, b, *x.shape[1:]), mask.view(self.k, b, *mask.shape[1:])
+        if train:
+            self.optimizer.zero_grad(set_to_none=False)
+        default = self._default_generator()
+        columns: dict[str, list[torch.Tensor | None]] = {}
+        for k, (plan, view) in enumerate(zip(plans, views)):
+            if plan is None:
+                continue
+            view.train(self.model.training)
+            if train and self._view_trainable[k] != plan.trainable:
+                view.set_trainable(plan.trainable)
+                self.model.bind_member_grads(view, k)
+                self._view_trainable[k] = plan.trainable
+            rows = slice(k * b, (k + 1) * b)
+            member_prior = (DiagNormal(prior.loc[rows], prior.logvar[rows])
+                            if plan.informed_prior and prior is not None else None)
+            outer = default.get_state()
+            default.set_state(self.generators[k].get_state())
+            try:
+                with torch.set_grad_enabled(train):
+                    loss, terms = loss_terms(self._passes[k], xs[k], ms[k], plan,
+                                             self.cfgs[k].schedule.swap_weights, member_prior,
+                                             core=view)
+                    if train:
+                        loss.backward()
+            finally:
+                self.generators[k].set_state(default.get_state())
+                default.set_state(outer)
+            for name, v in terms.items():
+                columns.setdefault(name, [None] * self.k)[k] = v.detach()
+        if train:
+            self._reduce_member_gradients()
+            self.optimizer.step(self.active(plans))
+        zero = x.new_zeros(())
+        return {name: torch.stack([zero if v is None else v for v in col])
+                for name, col in columns.items()}
+
+    def _reduce_member_gradients(self) -> None:
+        """After the member passes' backward: combine the stacked gradients across
+        data-parallel ranks (one process: nothing to do)."""
 
     def _run_split(self, split: Split, name: str, plans, epoch: int, train: bool
                    ) -> dict[str, torch.Tensor]:
-        swaps, weights = self.swap_weights(plans)
-        active = self.active(plans) if train else None
         sums: dict[str, torch.Tensor] = {}
         for idx, count, size in self._batches(len(split), train, epoch):
             idx = idx.to(self.device)
             flat = idx.reshape(-1)
             if train:
                 self._before_train_step(count / size)
-            terms = self.step(split.features[flat], split.mask[flat],
-                              self.v_prior(name, idx, plans), swaps, weights, active)
+            terms = self.step(split.features[flat], split.mask[flat], plans,
+                              self.v_prior(name, idx, plans), train)
             for key, v in terms.items():
                 sums[key] = sums.get(key, 0.0) + v * count
         names = sorted(sums)
@@ -490,9 +587,10 @@ class PackedTrainer:
             if plan is None:
                 records.append(None)
                 continue
+            own = [n for n in train if plan.swaps or n not in SWAP_TERMS]
             record = {"epoch": epoch, "stage": plan.stage, "seconds": seconds,
-                      **{f"train_{n}": float(v[k]) for n, v in train.items()},
-                      **{f"val_{n}": float(v[k]) for n, v in val.items()}}
+                      **{f"train_{n}": float(train[n][k]) for n in own},
+                      **{f"val_{n}": float(val[n][k]) for n in own}}
             improved = False
             early = self.early[k]
             if plan.last_stage:

@@ -230,13 +230,28 @@ class RankPackedTrainer(_Rank, PackedTrainer):
     """tsdsae.packed_train.PackedTrainer as one DDP rank: every member's batch is split across
     the ranks (each rank takes its part of each member's global batch). Every packed parameter
     gets a gradient in every step (frozen slices are masked in the optimiser), so one DDP
-    wrapper serves all stages."""
+    wrapper serves all stages; with member passes (CPU) the stacked gradients are all-reduced
+    after the members' backward instead."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._share = BatchShare(self.world_size)
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.member_passes:
             self.step_model = ddp_wrap(self.model, self.device, self._share)
+
+    def _reduce_member_gradients(self) -> None:
+        """Member passes bypass the DDP wrapper: the stacked gradients get the same
+        share-weighted sum over ranks as its comm hook computes, in one all-reduce."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in self.model.parameters()]
+        flat = _flatten_dense_tensors(grads).mul_(self._share.weight)
+        dist.all_reduce(flat)
+        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(reduced)
 
 
 def configure_device(device: torch.device) -> None:

@@ -23,7 +23,9 @@ the pack it is in or on K.
 
 `PackedDSAE([DSAE, ...])` packs plain models; `member(k)` / `member_state_dict(k)`
 unpack one (the same state-dict keys as the plain model), so checkpoints, evaluation and figures
-of a member are those of a plain run.
+of a member are those of a plain run. `member_view(k)` is member k as a plain DSAE sharing the
+pack's memory (parameters and gradients): tsdsae.packed_train runs a CPU pack's passes member
+by member through it, with the unpacked trainer's own CPU pass.
 """
 from __future__ import annotations
 
@@ -255,6 +257,16 @@ class PackedMLP(MLP):
         return 2.0 * s - 1.0
 
 
+def _share_slices(plain: nn.Module, packed: nn.Module, k: int) -> None:
+    """Replace every parameter of `plain` by a parameter viewing the k-th slice of the packed
+    parameter of the same name (same storage). nn.LSTM's setattr keeps its flat weights in step."""
+    stacked = dict(packed.named_parameters())
+    for name, q in list(plain.named_parameters()):
+        parent, _, leaf = name.rpartition(".")
+        shared = nn.Parameter(stacked[name].detach()[k], requires_grad=q.requires_grad)
+        setattr(plain.get_submodule(parent) if parent else plain, leaf, shared)
+
+
 _PACKED = {nn.Linear: PackedLinear, nn.LSTM: PackedLSTM, nn.LSTMCell: PackedLSTMCell,
            MLP: PackedMLP}
 
@@ -393,6 +405,33 @@ class PackedDSAE(DSAE):
         model.load_state_dict(self.member_state_dict(k))
         model.load_snapshot_state_dict(self.member_snapshot_state_dict(k))
         return model
+
+    def member_view(self, k: int) -> DSAE:
+        """Member k as a plain DSAE that shares this pack's memory (no copy): its parameters are
+        views of the k-th slices of the stacked parameters, so an update of the pack shows in
+        it, and its snapshot (when member k has one) views the packed snapshot's k-th slices.
+        Its gradients are bound to the k-th slices of the stacked gradients (allocated as zeros
+        when missing): a backward through the view accumulates there. `bind_member_grads`
+        re-binds them after `set_trainable` on the view (which clears the frozen ones)."""
+        with torch.random.fork_rng(devices=[]):
+            p0 = next(self.parameters())
+            view = DSAE(self.cfg).to(device=p0.device, dtype=p0.dtype)
+        _share_slices(view, self, k)
+        if self._snapshot is not None and self._snapshot_members[k]:
+            view.take_snapshot()
+            _share_slices(view._snapshot, self._snapshot, k)
+        for p in self.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.bind_member_grads(view, k)
+        return view
+
+    def bind_member_grads(self, view: DSAE, k: int) -> None:
+        """Point the .grad of each of `view`'s trainable parameters at the k-th slice of the
+        stacked gradient (frozen ones get none), see `member_view`."""
+        stacked = dict(self.named_parameters())
+        for name, q in view.named_parameters():
+            q.grad = stacked[name].grad[k] if q.requires_grad else None
 
     def take_member_snapshot(self, k: int, state: dict[str, torch.Tensor] | None = None
                              ) -> None:

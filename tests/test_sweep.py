@@ -308,33 +308,44 @@ def test_sweep_experiment_opens_in_the_runs_view_with_descriptions(smoke, mlflow
     assert str(out["report"]["report_html"]) in screen and "Model training" in screen
 
 
-def test_packed_stage_two_gives_each_member_its_own_child_run(smoke, mlflow_server, grid_file):
-    """--pack 3: the three two-stage variants train stage 2 as one pack (one Ray Train job);
-    each member still has its own child run (grid tags, per-epoch metrics, evaluation,
-    figures), and its result follows the same run trained alone (the smoke sweep's)."""
+def test_packed_sweep_trains_seeds_and_variants_in_packs_with_one_child_run_each(
+        smoke, mlflow_server, tmp_path_factory):
+    """--pack 8 over every variant and two seeds: one Tune trial, two packs (the two shared
+    stage 1s beside the two DSAE runs, then the six stage 2s); each run still has its own child
+    run (grid tags, per-epoch metrics, evaluation, figures), and seed 831's runs follow the same
+    runs trained alone (the smoke sweep's)."""
     out, root = smoke
-    packed = sweep_mod.run_sweep(_args(grid_file, root, mlflow_server.uri, "packed",
-                                       "--only", "schedule.variant=dsae_freeze,ts_dsae_wo_reg,"
-                                       "ts_dsae", "--pack", "3"))
-    assert packed["errors"] == 0 and packed["runs"] == 3
+    grid = tmp_path_factory.mktemp("grid2") / "two_seeds.yaml"
+    grid.write_text(GRID.replace("seed: [831]", "seed: [831, 277]"))
+    packed = sweep_mod.run_sweep(_args(grid, root, mlflow_server.uri, "packed", "--pack", "8"))
+    assert packed["errors"] == 0 and packed["runs"] == 8
+    sweeps = root / "sweeps" / "packed"
+    assert len(list((sweeps / "tune" / "packed").glob("trial_*"))) == 1
+    packs = sorted(p.parent.name.rsplit("-", 1)[-1] for p in (sweeps / "runs").glob("*/pack.pt"))
+    assert packs == ["1.0", "2.0"]
     client = mlflow_server.client()
-    trials = [r for r in _children(client, packed["parent_run_id"])
-              if r.data.tags.get("tsdsae.role") == "trial"]
-    assert sorted(r.data.tags["grid.schedule.variant"] for r in trials) == [
-        "dsae_freeze", "ts_dsae", "ts_dsae_wo_reg"]
+    children = _children(client, packed["parent_run_id"])
+    trials = [r for r in children if r.data.tags.get("tsdsae.role") == "trial"]
+    shared = [r for r in children if r.data.tags.get("tsdsae.role") == "shared_stage_1"]
+    assert len(trials) == 8 and len(shared) == 2
+    for run in shared:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["tsdsae.pack"].endswith("pack-1.0")
     for run in trials:
-        assert run.data.tags["tsdsae.pack"] == "dsae_freeze+ts_dsae_wo_reg+ts_dsae"
-        assert run.info.status == "FINISHED" and run.data.tags["grid.seed"] == "831"
+        first = run.data.tags["grid.schedule.variant"] == "dsae"
+        assert run.data.tags["tsdsae.pack"].endswith("pack-1.0" if first else "pack-2.0")
+        assert run.data.tags["tsdsae.pack_size"] == ("4" if first else "6")
+        assert run.info.status == "FINISHED" and run.data.tags["grid.seed"] in ("831", "277")
         assert {"eval_pre_swap", "eval_gswap", "eval_lswap"} <= set(run.data.metrics)
-        assert len(client.get_metric_history(run.info.run_id, "stage")) == 1
+        assert len(client.get_metric_history(run.info.run_id, "stage")) == (3 if first else 1)
         files = {f.path for f in client.list_artifacts(run.info.run_id, "figures")}
         assert {"figures/swap_grid.png", "figures/swaps"} <= files, files
-    runs = root / "sweeps"
-    assert len(list((runs / "packed" / "runs").glob("*-pack-0/pack.pt"))) == 1
-    for variant in ("dsae_freeze", "ts_dsae_wo_reg", "ts_dsae"):
-        a = json.loads(next((runs / "packed" / "runs").glob(f"*-{variant}")).joinpath(
-            "result.json").read_text())
-        b = json.loads(next((runs / "smoke" / "runs").glob(f"*-{variant}")).joinpath(
+    seed_831 = {r.data.tags["grid.schedule.variant"]: Path(r.data.tags["tsdsae.run_dir"])
+                for r in trials if r.data.tags["grid.seed"] == "831"}
+    assert len(seed_831) == 4
+    for variant, location in seed_831.items():
+        a = json.loads((location / "result.json").read_text())
+        b = json.loads(next((root / "sweeps" / "smoke" / "runs").glob(f"*-{variant}")).joinpath(
             "result.json").read_text())
         assert a["best_val"] == pytest.approx(b["best_val"], rel=1e-4), variant
         assert a["best_epoch"] == b["best_epoch"] and a["epochs_run"] == b["epochs_run"]

@@ -219,6 +219,8 @@ class PackedTrainer:
     epoch of a member that is still training. `rank` / `world_size` make it one data-parallel
     rank (tsdsae.ray_train.RankPackedTrainer): each rank takes its part of every member's batch.
     `member_passes`: run the passes member by member (see the module docstring); None: on CPU.
+    `until`: per member, an epoch at which it stops although its schedule goes on (None: its
+    max_epochs), e.g. a shared stage 1 that ends at the switch epoch.
     Raises ValueError when the runs cannot share a pack (check_packable).
     """
 
@@ -227,11 +229,16 @@ class PackedTrainer:
                  starts: Sequence[dict | None] | None = None, pack_dir: str | None = None,
                  callbacks: list[Callable[[int, dict], None]] | None = None,
                  progress: bool = False, rank: int = 0, world_size: int = 1,
-                 member_passes: bool | None = None):
+                 member_passes: bool | None = None, until: Sequence[int | None] | None = None):
         check_packable(cfgs)
         self.cfgs = list(cfgs)
         self.k = len(cfgs)
         first = cfgs[0]
+        until = list(until) if until is not None else [None] * self.k
+        if len(until) != self.k:
+            raise ValueError(f"{len(until)} stop epochs for {self.k} members")
+        self.end = [c.schedule.max_epochs if u is None else min(int(u), c.schedule.max_epochs)
+                    for c, u in zip(cfgs, until)]
         self.rank, self.world_size = rank, world_size
         self.device = resolve_device(first.device) if device is None else torch.device(device)
         self.dtype = dtype
@@ -393,7 +400,7 @@ class PackedTrainer:
         switched = False
         for k, cfg in enumerate(self.cfgs):
             s = cfg.schedule
-            if self.done[k] or epoch >= s.max_epochs:
+            if self.done[k] or epoch >= self.end[k]:
                 self.done[k] = True
                 plans.append(None)
                 continue
@@ -608,7 +615,7 @@ class PackedTrainer:
                 continue
             cfg = self.cfgs[k]
             if (self.early[k]["bad_epochs"] >= cfg.schedule.patience
-                    or self.epoch >= cfg.schedule.max_epochs):
+                    or self.epoch >= self.end[k]):
                 self.done[k] = True
         return records
 
@@ -622,7 +629,7 @@ class PackedTrainer:
         member (Trainer.fit's keys)."""
         if resume:
             self.resume()
-        end = max(c.schedule.max_epochs for c in self.cfgs)
+        end = max(self.end)
         every = self.cfgs[0].checkpoint.every
         bar = tqdm(total=end, initial=self.epoch, disable=not self.progress,
                    desc=f"pack of {self.k}", unit="epoch", dynamic_ncols=True)

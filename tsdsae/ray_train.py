@@ -363,22 +363,25 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def train_pack_per_worker(config: dict) -> None:
-    """Stage 2 of K runs as one pack (tsdsae.packed_train) on one Ray Train worker.
+    """K runs as one pack (tsdsae.packed_train) on one Ray Train worker.
 
-    config: run_configs (K RunConfigs), init_checkpoint (ray.train.Checkpoint of the shared
-    stage 1), pack_dir (where pack.pt lives: a restarted or resumed job continues from it),
-    tracking_uri and mlflow_run_ids (one per member, or None), threads, use_gpu. Rank 0 writes
-    each member's best.pt / last.pt and logs each member's epochs to its own MLflow run.
+    config: run_configs (K RunConfigs), starts (per member a ray.train.Checkpoint to continue
+    from, e.g. its shared stage 1, or None to start at epoch 0; all members start at one
+    epoch), until (per member an epoch to stop at, or None), pack_dir (where pack.pt lives: a
+    restarted or resumed job continues from it), tracking_uri and mlflow_run_ids (one per
+    member, or None), threads, use_gpu. Rank 0 writes each member's best.pt / last.pt and logs
+    each member's epochs to its own MLflow run.
     """
     import ray.train
 
     cfgs: list[RunConfig] = config["run_configs"]
     rank, world_size, device = _worker_setup(config)
     trainer = RankPackedTrainer(cfgs, data=_load_worker_data(cfgs[0], device), device=device,
-                                pack_dir=config["pack_dir"], rank=rank, world_size=world_size)
-    if not trainer.resume():
-        source = config["init_checkpoint"]
-        trainer.start_from([_read_state(source, device)] * len(cfgs))
+                                pack_dir=config["pack_dir"], rank=rank, world_size=world_size,
+                                until=config.get("until"))
+    starts = config.get("starts") or [None] * len(cfgs)
+    if not trainer.resume() and any(s is not None for s in starts):
+        trainer.start_from([None if s is None else _read_state(s, device) for s in starts])
     trackers = [tracking.attach(config.get("tracking_uri"), run_id, active=rank == 0)
                 for run_id in (config.get("mlflow_run_ids") or [None] * len(cfgs))]
     trainer.callbacks.append(lambda k, record: trackers[k].log_epoch(record))
@@ -405,11 +408,13 @@ def scaling_config(options: RayOptions):
                                    resources_per_worker=resources)
 
 
-def run_pack_stage(cfgs: Sequence[RunConfig], options: RayOptions, init_checkpoint,
-                   pack_dir: str, trackers: Sequence[tracking.Tracker]):
-    """Fit the TorchTrainer of one pack (Ray run `stage_2_pack` under `pack_dir`): stage 2 of
-    every run in `cfgs` from the shared stage-1 checkpoint `init_checkpoint`. Returns
-    ray.train.Result; raises if training failed."""
+def run_pack(cfgs: Sequence[RunConfig], options: RayOptions, pack_dir: str,
+             trackers: Sequence[tracking.Tracker], starts: Sequence | None = None,
+             until: Sequence[int | None] | None = None):
+    """Fit the TorchTrainer of one pack (Ray run `pack` under `pack_dir`): every run in `cfgs`
+    as a member (train_pack_per_worker: `starts`, per member a ray.train.Checkpoint to continue
+    from or None; `until`, per member an epoch to stop at or None). Returns ray.train.Result;
+    raises if training failed."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -418,22 +423,23 @@ def run_pack_stage(cfgs: Sequence[RunConfig], options: RayOptions, init_checkpoi
     trainer = TorchTrainer(
         train_pack_per_worker,
         train_loop_config={
-            "run_configs": list(cfgs), "init_checkpoint": init_checkpoint,
+            "run_configs": list(cfgs), "starts": list(starts) if starts else None,
+            "until": list(until) if until else None,
             "pack_dir": pack_dir, "tracking_uri": trackers[0].uri,
             "mlflow_run_ids": [t.run_id for t in trackers],
             "threads": options.torch_threads, "use_gpu": options.use_gpu},
         scaling_config=scaling_config(options),
         run_config=ray.train.RunConfig(
-            name="stage_2_pack", storage_path=storage_path, storage_filesystem=filesystem,
+            name="pack", storage_path=storage_path, storage_filesystem=filesystem,
             worker_runtime_env=WORKER_ENV,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures)))
     return trainer.fit()
 
 
-def pack_markers(cfgs: Sequence[RunConfig]) -> list[dict]:
-    """After a pack: each member's stage_2.json marker (what train_driver_fn reads to skip the
-    stage), from the member's last.pt."""
+def pack_markers(cfgs: Sequence[RunConfig], stage: int = 2) -> list[dict]:
+    """After a pack: each member's stage_<stage>.json marker (what train_driver_fn reads to skip
+    the stage), from the member's last.pt."""
     markers = []
     for cfg in cfgs:
         endpoint = cfg.data.endpoint_url or None
@@ -446,7 +452,7 @@ def pack_markers(cfgs: Sequence[RunConfig]) -> list[dict]:
                        stopped_early=early["bad_epochs"] >= cfg.schedule.patience)
         # Ray's convention for S3 checkpoint paths: bucket/key (see _checkpoint_uri)
         path = last[len("s3://"):] if last.startswith("s3://") else last
-        markers.append({"stage": 2, "checkpoint": path, "metrics": metrics, "packed": True})
+        markers.append({"stage": stage, "checkpoint": path, "metrics": metrics, "packed": True})
     return markers
 
 
@@ -620,6 +626,6 @@ def driver_config(cfg: RunConfig, **options) -> dict:
 
 
 __all__ = ["RayOptions", "RankTrainer", "RankPackedTrainer", "train_pack_per_worker",
-           "run_pack_stage", "pack_markers", "scaling_config", "BatchShare", "ddp_wrap",
+           "run_pack", "pack_markers", "scaling_config", "BatchShare", "ddp_wrap",
            "WORKER_ENV", "split_config", "run_dir", "stage_jobs", "train_loop_per_worker",
            "run_stage", "train_driver_fn", "driver_config", "configure_device", "runtime_env"]

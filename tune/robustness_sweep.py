@@ -9,8 +9,9 @@ as tables and box plots.
 
 Three levels, named by the process they run in:
     main / run_sweep     the driver: grid -> trial groups -> Tuner; the MLflow parent run; report
-    trial_fn(config)     one Tune trial = one trial group (tune.grid.TrialGroup): calls
-                         tsdsae.ray_train.train_driver_fn for each of its model variants
+    trial_fn(config)     one Tune trial = one trial group (tune.grid.TrialGroup), or with packs
+                         a bundle of them: calls tsdsae.ray_train.train_driver_fn for each of
+                         its model variants
     (Ray Train workers)  tsdsae.ray_train.train_loop_per_worker, one DDP job per stage
 
 Stage-1 sharing: dsae_freeze, ts_dsae_wo_reg and ts_dsae share stage 1 for the same seed, z_dim,
@@ -18,10 +19,13 @@ optimiser, dataset and every other key, so their group trains stage 1 once (its 
 `<sweep>-<group>-stage1`) and forks stage 2 per variant from that checkpoint. Stage 1 is a pure
 function of the config without the variant, so each variant's result equals an unshared run's.
 
-Packs (`--pack K`, tsdsae.packed_train): the stage 2 of up to K two-stage variants of a trial
-trains as one packed model in one Ray Train job (each member exactly as its run alone, with its
-own checkpoints and MLflow child run); the driver then only evaluates each member. 'auto' packs
-all three with GPUs and none on CPU, where packing measured slower (README, "Packed trials").
+Packs (`--pack K`, tsdsae.packed_train): runs of one architecture on one dataset (seeds,
+optimisers, variants) join one Tune trial, a bundle of trial groups, and train as packed models
+of up to K members, one Ray Train job per pack: first every group's stage 1 (shared) or whole
+run (DSAE) side by side, then the stage 2 of every two-stage variant side by side, each member
+exactly as its run alone, with its own checkpoints and MLflow child run; the trial then only
+evaluates each run. 'auto' is 16 with GPUs and 1 (no packing) on CPU, where packing measured
+no faster (README, "Packed trials").
 
 MLflow: one parent run per sweep (found again by its key on --resume), one child run per grid
 point (model variant) tagged with its grid coordinates, plus one child run per shared stage 1.
@@ -46,8 +50,8 @@ from tsdsae import tracking  # noqa: E402
 from tsdsae.cli import UsageError, cli_main  # noqa: E402
 from tsdsae.config import PRESETS, apply_overrides  # noqa: E402
 from tsdsae.storage import absolute_location, open_store  # noqa: E402
-from tune.grid import (SHARED_STAGE_1, VARIANT_KEY, load_grid, narrow, parse_only,  # noqa: E402
-                       trial_groups, validate)
+from tune.grid import (SHARED_STAGE_1, VARIANT_KEY, group_key, load_grid,  # noqa: E402
+                       narrow, parse_only, trial_groups, validate)
 
 SWEEP_KEY_TAG = "tsdsae.sweep_key"
 ROLE_TAG = "tsdsae.role"
@@ -126,79 +130,175 @@ def _child_run(sweep: dict, group: dict, cfg, variant: str, shared: bool, **tags
                                    **_coord_tags(group["coords"], variant), **tags})
 
 
-def _stage_2_packs(sweep: dict, group: dict, marker: dict, options: dict) -> None:
-    """Stage 2 of the group's two-stage variants in packs of up to sweep["pack"] members
-    (tsdsae.packed_train), one Ray Train job per pack, from the shared stage-1 checkpoint.
-    Each member gets its stage_2.json marker, so train_driver_fn then only evaluates it."""
-    from tsdsae.ray_train import (_stage_checkpoint, pack_markers, resolve_locations, run_dir,
-                                  run_pack_stage, split_config)
+def _is_shared(group: dict) -> bool:
+    """Whether the group's variants share one stage 1 (tune.grid.trial_groups)."""
+    return len(group["variants"]) > 1 and all(v in SHARED_STAGE_1 for v in group["variants"])
 
-    variants = [v for v in group["variants"] if v in SHARED_STAGE_1]
-    size = max(1, int(sweep.get("pack", 1)))
-    for start in range(0, len(variants), size):
-        chunk = variants[start:start + size]
-        cfgs = [resolve_locations(_run_config(sweep, group["overrides"], v,
-                                              f"{sweep['name']}-{group['key']}-{v}"))
-                for v in chunk]
-        stores = [open_store(run_dir(c), c.data.endpoint_url or None) for c in cfgs]
-        if all(st.exists("stage_2.json") for st in stores):
+
+def _pack_job(options: dict, cfgs: list, trackers: list, pack_dir: str, starts=None,
+              until=None) -> None:
+    """One pack as one Ray Train job (tsdsae.ray_train.run_pack); a failure marks every
+    member's MLflow run failed."""
+    from tsdsae.ray_train import run_pack, split_config
+
+    _, ray_options = split_config({"run_config": cfgs[0], **options})
+    try:
+        run_pack(cfgs, ray_options, pack_dir, trackers, starts, until)
+    except BaseException as exc:
+        for t in trackers:
+            t.fail(exc)
+        raise
+
+
+def _train_bundle(sweep: dict, bundle: dict, options: dict) -> None:
+    """Packed training (sweep["pack"] > 1) of every run of a bundle (runs of one architecture:
+    seeds, optimisers, variants; see _bundles), as two packs, each one Ray Train job:
+
+    1. from epoch 0: the shared stage 1 of each two-stage group (a member that stops at its
+       switch epoch; its own run `<sweep>-<group>-stage1`, as unpacked) and every other run
+       whole (DSAE; a two-stage variant that shares no stage 1);
+    2. the stage 2 of every variant of the shared groups, each from its group's stage 1.
+
+    Each phase is cut into packs of up to sweep["pack"] members (_bundles keeps it to one).
+
+    Each member trains exactly as its run alone (tsdsae.packed_train) and logs to its own MLflow
+    run. Afterwards each run has the stage markers (stage_<k>.json) that train_driver_fn reads,
+    so trial_fn only evaluates. A pack whose members all have their markers is skipped; an
+    interrupted one resumes from its pack.pt."""
+    from tsdsae import checkpoint
+    from tsdsae.ray_train import (STATE_FILE, _stage_checkpoint, pack_markers, resolve_locations,
+                                  run_dir, stage_jobs)
+
+    root, prefix = sweep["checkpoint_root"], f"{sweep['name']}-{bundle['key']}"
+
+    def cfg_of(group: dict, variant: str, suffix: str):
+        return resolve_locations(_run_config(sweep, group["overrides"], variant,
+                                             f"{sweep['name']}-{group['key']}-{suffix}"))
+
+    def store_of(cfg):
+        return open_store(run_dir(cfg), cfg.data.endpoint_url or None)
+
+    # 1. first stages and whole runs
+    first = []                                     # (group, cfg, store, shared)
+    for group in bundle["groups"]:
+        shared, variant = _is_shared(group), group["variants"][0]
+        cfg = cfg_of(group, variant, "stage1" if shared else variant)
+        first.append((group, cfg, store_of(cfg), shared))
+
+    def has_markers(cfg, store, shared: bool) -> bool:
+        names = (["stage_1.json"] if shared else
+                 [f"stage_{stage}.json" for stage, _ in stage_jobs(cfg)])
+        return store.exists("result.json") or all(store.exists(n) for n in names)
+
+    size = max(1, int(sweep["pack"]))
+    for c in range(0, len(first), size):
+        chunk = first[c:c + size]
+        pack_dir = f"{root}/{prefix}-pack-1.{c // size}"
+        if all(has_markers(cfg, store, shared) for _, cfg, store, shared in chunk):
             continue
+        tag = {"tsdsae.pack": pack_dir.rsplit("/", 1)[-1], "tsdsae.pack_size": str(len(chunk))}
         trackers = []
-        for cfg, variant, st in zip(cfgs, chunk, stores):
-            if not st.exists("stage_1.json"):
-                st.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
-            _child_run(sweep, group, cfg, variant, True, **{"tsdsae.pack": "+".join(chunk)})
+        for group, cfg, store, shared in chunk:
+            key = tracking.run_key(run_dir(cfg))
+            if shared:
+                trackers.append(tracking.start_run(
+                    cfg, key, parent_run_id=sweep["parent_run_id"],
+                    tags={ROLE_TAG: "shared_stage_1", "tsdsae.run_dir": run_dir(cfg),
+                          "tsdsae.shared_by": ",".join(group["variants"]),
+                          **_coord_tags(group["coords"], None), **tag}))
+            else:
+                _child_run(sweep, group, cfg, group["variants"][0], False, **tag)
+                trackers.append(tracking.start_run(cfg, key,
+                                                   parent_run_id=sweep["parent_run_id"]))
+        cfgs = [cfg for _, cfg, _, _ in chunk]
+        _pack_job(options, cfgs, trackers, pack_dir,
+                  until=[cfg.schedule.switch_epoch if shared else None
+                         for _, cfg, _, shared in chunk])
+        for (group, cfg, store, shared), marker, tracker in zip(chunk, pack_markers(cfgs, 1),
+                                                                trackers):
+            if shared:
+                # the stage-1 state as a checkpoint folder (what stage 2 starts from)
+                endpoint = cfg.data.endpoint_url or None
+                state = checkpoint.load(f"{run_dir(cfg)}/last.pt", "cpu", endpoint)
+                folder = f"{run_dir(cfg)}/stage_1_state"
+                checkpoint.save(state, f"{folder}/{STATE_FILE}", endpoint)
+                path = folder[len("s3://"):] if folder.startswith("s3://") else folder
+                marker.update(checkpoint=path, shared_from=run_dir(cfg))
+                store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
+                tracker.finish()
+            else:
+                for stage, _ in stage_jobs(cfg):
+                    store.write_bytes(f"stage_{stage}.json",
+                                      json.dumps({**marker, "stage": stage}, indent=1).encode())
+
+    # 2. stage 2 of the shared groups' variants
+    second = []                                    # (group, variant, cfg, store, marker)
+    for group, cfg1, store1, shared in first:
+        if not shared:
+            continue
+        marker = json.loads(store1.read_bytes("stage_1.json"))
+        for variant in group["variants"]:
+            cfg = cfg_of(group, variant, variant)
+            store = store_of(cfg)
+            if not store.exists("stage_1.json"):
+                store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
+            second.append((group, variant, cfg, store, marker))
+    for c in range(0, len(second), size):
+        chunk = second[c:c + size]
+        if all(store.exists("stage_2.json") or store.exists("result.json")
+               for *_, store, _ in chunk):
+            continue
+        pack_dir = f"{root}/{prefix}-pack-2.{c // size}"
+        tag = {"tsdsae.pack": pack_dir.rsplit("/", 1)[-1], "tsdsae.pack_size": str(len(chunk))}
+        trackers = []
+        for group, variant, cfg, _, _ in chunk:
+            _child_run(sweep, group, cfg, variant, True, **tag)
             trackers.append(tracking.start_run(cfg, tracking.run_key(run_dir(cfg)),
                                                parent_run_id=sweep["parent_run_id"]))
-        _, ray_options = split_config({"run_config": cfgs[0], **options})
-        _, filesystem = open_store(run_dir(cfgs[0]), cfgs[0].data.endpoint_url or None
-                                   ).arrow_filesystem()
-        pack_dir = f"{sweep['checkpoint_root']}/{sweep['name']}-{group['key']}-pack-{start}"
-        try:
-            run_pack_stage(cfgs, ray_options, _stage_checkpoint(marker, filesystem),
-                           pack_dir, trackers)
-        except BaseException as exc:
-            for t in trackers:
-                t.fail(exc)
-            raise
-        for st, member_marker in zip(stores, pack_markers(cfgs)):
-            st.write_bytes("stage_2.json", json.dumps(member_marker, indent=1).encode())
+        cfgs = [cfg for _, _, cfg, _, _ in chunk]
+        _, filesystem = store_of(cfgs[0]).arrow_filesystem()
+        _pack_job(options, cfgs, trackers, pack_dir,
+                  starts=[_stage_checkpoint(m, filesystem) for *_, m in chunk])
+        for (*_, store, _), marker in zip(chunk, pack_markers(cfgs, 2)):
+            store.write_bytes("stage_2.json", json.dumps(marker, indent=1).encode())
 
 
 def trial_fn(config: dict) -> None:
-    """One Tune trial: every model variant of one trial group, each a full Ray Train run (with
-    sweep["pack"] > 1, the stage 2 of the two-stage variants trains as one pack first)."""
+    """One Tune trial: every model variant of the trial groups of one bundle (one group unless
+    runs are packed), each evaluated (and, unpacked, trained) as a full Ray Train run; with
+    sweep["pack"] > 1 the bundle's runs first train in packs (_train_bundle)."""
     from ray import tune
 
     from tsdsae.ray_train import driver_config, run_dir, train_driver_fn
 
-    sweep, group = config["sweep"], config["group"]
+    sweep, bundle = config["sweep"], config["bundle"]
     options = dict(sweep["ray_options"])
-    shared = len(group["variants"]) > 1 and all(v in SHARED_STAGE_1 for v in group["variants"])
-    marker = _shared_stage_1(sweep, group, options) if shared else None
-    if marker is not None and int(sweep.get("pack", 1)) > 1:
-        _stage_2_packs(sweep, group, marker, options)
-    metrics: dict[str, Any] = {"group": group["key"]}
-    for variant in group["variants"]:
-        cfg = _run_config(sweep, group["overrides"], variant,
-                          f"{sweep['name']}-{group['key']}-{variant}")
-        location = run_dir(cfg)
-        store = open_store(location, cfg.data.endpoint_url or None)
-        if marker is not None and not store.exists("stage_1.json"):
-            store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
-        # Create (or find) the child run first so its grid tags are there from the start; the
-        # driver resumes the same run by its key. A finished run is left as it is: the driver
-        # returns its stored summary.
-        if not store.exists("result.json"):
-            _child_run(sweep, group, cfg, variant, marker is not None)
-        summary = train_driver_fn(driver_config(cfg, parent_run_id=sweep["parent_run_id"],
-                                                **options))
-        if summary.get("mlflow_run_id"):        # where the report page finds the model to hear
-            tracking.MlflowTracker(cfg.tracking.uri, summary["mlflow_run_id"]).set_tags(
-                {BEST_CHECKPOINT_TAG: summary["best_checkpoint"]})
-        for k, v in (summary.get("eval") or {}).items():
-            metrics[f"{variant}/{k}"] = v
-        metrics[f"{variant}/best_val"] = summary["best_val"]
+    if int(sweep.get("pack", 1)) > 1:
+        _train_bundle(sweep, bundle, options)
+    metrics: dict[str, Any] = {"bundle": bundle["key"]}
+    for group in bundle["groups"]:
+        label = f"{group['key']}/" if len(bundle["groups"]) > 1 else ""
+        marker = _shared_stage_1(sweep, group, options) if _is_shared(group) else None
+        for variant in group["variants"]:
+            cfg = _run_config(sweep, group["overrides"], variant,
+                              f"{sweep['name']}-{group['key']}-{variant}")
+            location = run_dir(cfg)
+            store = open_store(location, cfg.data.endpoint_url or None)
+            if marker is not None and not store.exists("stage_1.json"):
+                store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
+            # Create (or find) the child run first so its grid tags are there from the start;
+            # the driver resumes the same run by its key. A finished run is left as it is: the
+            # driver returns its stored summary.
+            if not store.exists("result.json"):
+                _child_run(sweep, group, cfg, variant, marker is not None)
+            summary = train_driver_fn(driver_config(cfg, parent_run_id=sweep["parent_run_id"],
+                                                    **options))
+            if summary.get("mlflow_run_id"):    # where the report page finds the model to hear
+                tracking.MlflowTracker(cfg.tracking.uri, summary["mlflow_run_id"]).set_tags(
+                    {BEST_CHECKPOINT_TAG: summary["best_checkpoint"]})
+            for k, v in (summary.get("eval") or {}).items():
+                metrics[f"{label}{variant}/{k}"] = v
+            metrics[f"{label}{variant}/best_val"] = summary["best_val"]
     tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
 
 
@@ -242,10 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-share-stage-1", action="store_true",
                    help="train stage 1 separately for every variant")
     p.add_argument("--pack", default="auto",
-                   help="train the stage 2 of up to K two-stage variants of a trial as one "
-                        "packed model (tsdsae.packed_train); 'auto' = 1 (one after another) on "
-                        "CPU, where packing measured slower (README), and 3 (all of them) with "
-                        "GPUs")
+                   help="train up to K runs of one architecture (seeds, optimisers, variants) "
+                        "as one packed model per trial (tsdsae.packed_train); 'auto' = 1 (one "
+                        "run after another) on CPU, where packing measured no faster (README), "
+                        f"and {GPU_PACK} with GPUs")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep of the same --name (Tuner.restore)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
@@ -354,12 +454,18 @@ def _ray_options(args) -> dict:
     return options
 
 
+# --pack auto with GPUs. Not measured on a GPU in this project yet (benchmarks/packed_rate.py
+# --device cuda gives the curve): a pack of 16 members of this 56 k-parameter model is far from
+# filling a GPU's memory, and fewer members leave it launch-bound.
+GPU_PACK = 16
+
+
 def pack_size(args) -> int:
-    """--pack as a number: 'auto' is 3 (every two-stage variant of a trial) when runs get GPUs
-    and 1 on CPU (benchmarks/packed_rate.py measured packing slower there, see the README).
-    Raises UsageError for anything but 'auto' or a positive integer."""
+    """--pack as a number: 'auto' is GPU_PACK when runs get GPUs and 1 on CPU (where
+    benchmarks/packed_rate.py measured packing no faster than one run after another, README
+    "Packed trials"). Raises UsageError for anything but 'auto' or a positive integer."""
     if args.pack == "auto":
-        return 3 if args.gpus_per_trial > 0 else 1
+        return GPU_PACK if args.gpus_per_trial > 0 else 1
     try:
         size = int(args.pack)
     except ValueError:
@@ -367,6 +473,40 @@ def pack_size(args) -> int:
     if size < 1:
         raise UsageError(f"--pack {args.pack!r}: give a positive number of members or 'auto'")
     return size
+
+
+def _bundles(groups: list, preset: str, size: int) -> list[dict]:
+    """Trial groups (tune.grid.TrialGroup) as Tune trials: one group per trial unpacked
+    (size 1); packed, the groups whose runs can share a pack (tsdsae.packed_train.pack_signature
+    and the same switch epoch: seeds, optimisers, variants of one architecture on one dataset)
+    go into one trial, as many as keep each of its two packs (see _train_bundle: one member per
+    group for the first stages, one per shared variant for stage 2) within `size` members.
+    Returns [{"key", "groups": [group dicts]}]."""
+    from tsdsae.packed_train import pack_signature
+
+    def as_dict(g) -> dict:
+        return {"key": g.key, "overrides": g.overrides, "variants": list(g.variants),
+                "coords": g.coords}
+
+    if size <= 1:
+        return [{"key": g.key, "groups": [as_dict(g)]} for g in groups]
+    by_signature: dict[Any, list] = {}
+    for g in groups:
+        cfg = apply_overrides(PRESETS[preset](), {**g.overrides, VARIANT_KEY: g.variants[0]})
+        signature = (pack_signature(cfg), cfg.schedule.switch_epoch)
+        by_signature.setdefault(signature, []).append(as_dict(g))
+    out = []
+    for members in by_signature.values():
+        bundle: list[dict] = []
+        for g in members:
+            stage_2 = len(g["variants"]) if _is_shared(g) else 0
+            if bundle and (len(bundle) + 1 > size or sum(
+                    len(b["variants"]) for b in bundle if _is_shared(b)) + stage_2 > size):
+                out.append(bundle)
+                bundle = []
+            bundle.append(g)
+        out.append(bundle)
+    return [{"key": group_key({"groups": [g["key"] for g in b]}), "groups": b} for b in out]
 
 
 def concurrent_trials(options: dict, resources: dict | None = None) -> int:
@@ -416,9 +556,10 @@ def run_sweep(args) -> dict:
              "tracking_uri": tracking_uri, "experiment": args.experiment,
              "parent_run_id": parent.run_id, "endpoint_url": args.endpoint_url or "",
              "ray_options": _ray_options(args), "pack": pack_size(args)}
-    param_space = {"sweep": sweep, "group": tune.grid_search([
-        {"key": g.key, "overrides": g.overrides, "variants": list(g.variants),
-         "coords": g.coords} for g in groups])}
+    bundles = _bundles(groups, grid.preset, sweep["pack"])
+    if sweep["pack"] > 1:
+        print(f"packed: {len(bundles)} trials of up to {sweep['pack']} runs per pack", flush=True)
+    param_space = {"sweep": sweep, "bundle": tune.grid_search(bundles)}
 
     if not ray.is_initialized():
         # The console shows the sweep's own lines and Tune's status table; what Ray's worker
@@ -442,8 +583,8 @@ def run_sweep(args) -> dict:
                 tune_config=tune.TuneConfig(
                     max_concurrent_trials=(args.max_concurrent_trials
                                            or concurrent_trials(sweep["ray_options"])),
-                    trial_dirname_creator=lambda t: f"trial_{t.config['group']['key']}",
-                    trial_name_creator=lambda t: f"{name}-{t.config['group']['key']}"),
+                    trial_dirname_creator=lambda t: f"trial_{t.config['bundle']['key']}",
+                    trial_name_creator=lambda t: f"{name}-{t.config['bundle']['key']}"),
                 run_config=tune.RunConfig(name=name, storage_path=tune_path,
                                           storage_filesystem=filesystem,
                                           verbose=0,   # progress: ProgressPrinter lines

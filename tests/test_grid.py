@@ -63,3 +63,30 @@ def test_quick_grid_is_the_four_models_in_two_trials_and_narrows():
     assert fidelity.size() == 4 * 2 * 2
     assert {k: fidelity.fixed[k] for k in ("schedule.switch_epoch", "schedule.max_epochs")} == {
         k: g.fixed[k] for k in ("schedule.switch_epoch", "schedule.max_epochs")}
+
+
+@pytest.mark.parametrize("size", [1, 3, 16, 48])
+def test_packed_trials_bundle_runs_of_one_architecture_within_the_pack_size(size):
+    """The paper's 288 runs as packed trials (tune/robustness_sweep.py _bundles): every trial
+    group once; a bundle holds one z_dim and one dataset (packs need one architecture and one
+    data) but mixes seeds and optimisers; neither of its two packs exceeds `size` members."""
+    from tune.robustness_sweep import _bundles
+
+    datasets = ["data/dmelodies", "data/urmp"]
+    groups = trial_groups(load_grid("paper"), datasets)
+    bundles = _bundles(groups, "paper", size)
+    keys = [g["key"] for b in bundles for g in b["groups"]]
+    assert sorted(keys) == sorted(g.key for g in groups)
+    assert len({b["key"] for b in bundles}) == len(bundles)
+    for b in bundles:
+        first = len(b["groups"])
+        second = sum(len(g["variants"]) for g in b["groups"] if len(g["variants"]) > 1)
+        assert first <= size and (second <= size or first == 1)
+        assert len({(g["overrides"]["model.z_dim"], g["overrides"]["data.uri"])
+                    for g in b["groups"]}) == 1
+    if size == 1:
+        assert len(bundles) == len(groups) == 144
+    if size == 48:      # per (dataset, z_dim): 12 DSAE runs and 12 shared stage 1s, then 36
+        assert len(bundles) == 2 * 3
+        assert all({g["overrides"]["optim.amsgrad"] for g in b["groups"]} == {False, True}
+                   and len({g["overrides"]["seed"] for g in b["groups"]}) == 6 for b in bundles)

@@ -542,23 +542,23 @@ def run_sweep(args) -> dict:
     storage.check(create=True)
     tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
     n_points = sum(len(g.variants) for g in groups)
-    print(f"sweep {name}: grid {grid.name} ({n_points} runs in {len(groups)} trials), "
+    pack = pack_size(args)
+    bundles = _bundles(groups, grid.preset, pack)
+    packing = f", packs of up to {pack} runs" if pack > 1 else ""
+    print(f"sweep {name}: grid {grid.name} ({n_points} runs in {len(bundles)} trials{packing}), "
           f"datasets {datasets}, storage {storage.uri}, MLflow {tracking_uri}", flush=True)
 
     experiment_id = tracking.describe_experiment(tracking_uri, args.experiment, EXPERIMENT_NOTE)
     parent = tracking.open_run(tracking_uri, args.experiment, f"sweep:{storage.uri}",
                                run_name=name, tags={ROLE_TAG: "sweep", "tsdsae.grid": grid.name})
     parent.log_params({"grid": grid.name, "grid_file": grid.source, "runs": n_points,
-                       "trials": len(groups), "datasets": json.dumps(datasets),
+                       "trials": len(bundles), "datasets": json.dumps(datasets),
                        "axes": json.dumps(grid.axes), "fixed": json.dumps(grid.fixed),
-                       "share_stage_1": not args.no_share_stage_1, "pack": pack_size(args)})
+                       "share_stage_1": not args.no_share_stage_1, "pack": pack})
     sweep = {"name": name, "preset": grid.preset, "checkpoint_root": f"{storage.uri}/runs",
              "tracking_uri": tracking_uri, "experiment": args.experiment,
              "parent_run_id": parent.run_id, "endpoint_url": args.endpoint_url or "",
-             "ray_options": _ray_options(args), "pack": pack_size(args)}
-    bundles = _bundles(groups, grid.preset, sweep["pack"])
-    if sweep["pack"] > 1:
-        print(f"packed: {len(bundles)} trials of up to {sweep['pack']} runs per pack", flush=True)
+             "ray_options": _ray_options(args), "pack": pack}
     param_space = {"sweep": sweep, "bundle": tune.grid_search(bundles)}
 
     if not ray.is_initialized():

@@ -97,6 +97,7 @@ class PackedAdam:
         device = self.params[0].device
         self.lr = torch.tensor([float(v) for v in lr], dtype=torch.float64, device=device)
         self.amsgrad = torch.tensor([bool(v) for v in amsgrad], device=device)
+        self._any_amsgrad = any(bool(v) for v in amsgrad)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.state = [{"step": torch.zeros(k, dtype=torch.float64, device=device),
@@ -112,28 +113,54 @@ class PackedAdam:
                 p.grad.zero_()
 
     @torch.no_grad()
-    def step(self, active: Sequence[torch.Tensor]) -> None:
-        for p, a, st in zip(self.params, active, self.state):
-            if p.grad is None or not bool(a.any()):
+    def step(self, active: Sequence[torch.Tensor],
+             flags: Sequence[tuple[bool, bool]] | None = None) -> None:
+        """One update of every active (member, parameter) slice. `flags`: per parameter, whether
+        any / every member is active ((any, all) of its mask, known on the host; computed here
+        when not given, a device sync per parameter on a GPU)."""
+        if flags is None:
+            flags = [(bool(a.any()), bool(a.all())) for a in active]
+        any_ams = self._any_amsgrad
+        for p, a, (some, every), st in zip(self.params, active, flags, self.state):
+            if p.grad is None or not some:
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
-            on = a.view(shape)
             grad = p.grad if self.weight_decay == 0 else p.grad.add(p, alpha=self.weight_decay)
-            st["step"] += a.to(torch.float64)
-            step = st["step"].clamp_min(1.0)
-            exp_avg = torch.where(on, st["exp_avg"].lerp(grad, 1 - self.beta1), st["exp_avg"])
-            exp_avg_sq = torch.where(
-                on, st["exp_avg_sq"].mul(self.beta2).addcmul_(grad, grad, value=1 - self.beta2),
-                st["exp_avg_sq"])
-            ams = (self.amsgrad & a).view(shape)
-            max_sq = torch.where(ams, torch.maximum(st["max_exp_avg_sq"], exp_avg_sq),
-                                 st["max_exp_avg_sq"])
+            if every:       # every member steps: in place, no selection
+                st["step"] += 1.0
+                step = st["step"]
+                exp_avg = st["exp_avg"].lerp_(grad, 1 - self.beta1)
+                exp_avg_sq = st["exp_avg_sq"].mul_(self.beta2).addcmul_(
+                    grad, grad, value=1 - self.beta2)
+                max_sq = st["max_exp_avg_sq"]
+                if any_ams:
+                    max_sq = torch.where(self.amsgrad.view(shape),
+                                         torch.maximum(max_sq, exp_avg_sq), max_sq)
+            else:
+                on = a.view(shape)
+                st["step"] += a.to(torch.float64)
+                step = st["step"].clamp_min(1.0)
+                exp_avg = torch.where(on, st["exp_avg"].lerp(grad, 1 - self.beta1),
+                                      st["exp_avg"])
+                exp_avg_sq = torch.where(
+                    on, st["exp_avg_sq"].mul(self.beta2).addcmul_(grad, grad,
+                                                                  value=1 - self.beta2),
+                    st["exp_avg_sq"])
+                max_sq = st["max_exp_avg_sq"]
+                if any_ams:
+                    ams = (self.amsgrad & a).view(shape)
+                    max_sq = torch.where(ams, torch.maximum(max_sq, exp_avg_sq), max_sq)
             bias1 = 1 - self.beta1 ** step
             bias2_sqrt = (1 - self.beta2 ** step) ** 0.5
             step_size = (self.lr / bias1).to(p.dtype).view(shape)
-            second = torch.where(self.amsgrad.view(shape), max_sq, exp_avg_sq)
+            second = (torch.where(self.amsgrad.view(shape), max_sq, exp_avg_sq) if any_ams
+                      else exp_avg_sq)
             denom = (second.sqrt() / bias2_sqrt.to(p.dtype).view(shape)).add_(self.eps)
-            p.copy_(torch.where(on, p - step_size * (exp_avg / denom), p))
+            update = step_size * (exp_avg / denom)
+            if every:
+                p.sub_(update)
+            else:
+                p.copy_(torch.where(on, p - update, p))
             st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"] = exp_avg, exp_avg_sq, max_sq
 
     # -- state ----------------------------------------------------------------------------------
@@ -148,6 +175,7 @@ class PackedAdam:
                              f"has {len(self.params)}")
         self.lr.copy_(state["lr"])
         self.amsgrad.copy_(state["amsgrad"])
+        self._any_amsgrad = bool(self.amsgrad.any())
         for st, saved in zip(self.state, state["state"]):
             for k, v in saved.items():
                 if st[k].shape != v.shape:
@@ -264,7 +292,7 @@ class PackedTrainer:
         self._views: list[DSAE] | None = None       # member views (member passes), built lazily
         self._passes: list[torch.nn.Module] = []
         self._view_trainable: list[frozenset | None] = []
-        self._active: dict[tuple, list[torch.Tensor]] = {}
+        self._active: dict[tuple, tuple] = {}
         self.epoch = 0
         self.stage: list[int | None] = [None] * self.k
         self.early = [{"best_val": math.inf, "best_epoch": -1, "bad_epochs": 0} for _ in cfgs]
@@ -420,11 +448,16 @@ class PackedTrainer:
 
     def active(self, plans) -> list[torch.Tensor]:
         """Per parameter, which members update it under `plans` (K,) bool (cached per plans)."""
+        return self._active_masks(plans)[0]
+
+    def _active_masks(self, plans) -> tuple[list[torch.Tensor], list[tuple[bool, bool]]]:
+        """`active(plans)` and, per parameter, whether any / every member is active."""
         key = tuple(plans)
         if key not in self._active:
-            self._active[key] = [
-                torch.tensor([p is not None and group in p.trainable for p in plans],
-                             device=self.device) for group in self.groups]
+            rows = [[p is not None and group in p.trainable for p in plans]
+                    for group in self.groups]
+            self._active[key] = ([torch.tensor(r, device=self.device) for r in rows],
+                                 [(any(r), all(r)) for r in rows])
         return self._active[key]
 
     # -- epochs ---------------------------------------------------------------------------------
@@ -493,7 +526,7 @@ class PackedTrainer:
             if train:
                 self.optimizer.zero_grad()
                 loss.sum().backward()
-                self.optimizer.step(self.active(plans))
+                self.optimizer.step(*self._active_masks(plans))
         return {key: v.detach() for key, v in terms.items()}
 
     def _member_views(self) -> list[DSAE]:
@@ -546,7 +579,7 @@ class PackedTrainer:
                 columns.setdefault(name, [None] * self.k)[k] = v.detach()
         if train:
             self._reduce_member_gradients()
-            self.optimizer.step(self.active(plans))
+            self.optimizer.step(*self._active_masks(plans))
         zero = x.new_zeros(())
         return {name: torch.stack([zero if v is None else v for v in col])
                 for name, col in columns.items()}

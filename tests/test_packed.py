@@ -135,6 +135,36 @@ def test_a_member_that_stops_early_stops_changing_while_the_others_go_on(pack64)
     assert all(torch.equal(now[n], last["model"][n]) for n in now)
 
 
+def test_an_interrupted_pack_resumes_from_pack_pt_to_the_same_weights(toy80, tmp_path):
+    """fit() stopped after 7 epochs (pack.pt every 2, so the state after 6 is the last saved),
+    then a new PackedTrainer over the same runs resumes from pack.pt, redoing epoch 6: every
+    member ends with the weights of the pack that ran through (a switch at epoch 4, a member
+    that stops early)."""
+    def cfgs(root):
+        return [_cfg(root, "r0", "seed=21", "checkpoint.every=2"),
+                _cfg(root, "r1", "seed=22", "checkpoint.every=2", "schedule.variant=dsae",
+                     "schedule.patience=1", "optim.lr=0.02")]
+
+    through = PackedTrainer(cfgs(tmp_path / "a"), data=toy80)
+    through.fit(resume=False)
+
+    def stop_after_7(records):
+        if through_b.epoch == 7:
+            raise KeyboardInterrupt
+
+    through_b = PackedTrainer(cfgs(tmp_path / "b"), data=toy80)
+    with pytest.raises(KeyboardInterrupt):
+        through_b.fit(resume=False, after_epoch=stop_after_7)
+    resumed = PackedTrainer(cfgs(tmp_path / "b"), data=toy80)
+    assert resumed.resume() and resumed.epoch == 6
+    resumed.fit()
+    assert [len(h) for h in resumed.history] == [len(h) for h in through.history]
+    for k in range(2):
+        a, b = through.model.member_state_dict(k), resumed.model.member_state_dict(k)
+        assert all(torch.equal(a[n], b[n]) for n in a), k
+        assert resumed.history[k][-1]["val_loss"] == through.history[k][-1]["val_loss"]
+
+
 def test_stage_one_freezes_each_members_local_modules(toy80, tmp_path):
     cfgs = [_cfg(tmp_path, "a", "seed=1"), _cfg(tmp_path, "b", "seed=2", "schedule.variant=dsae")]
     pack = PackedTrainer(cfgs, data=toy80)
@@ -214,6 +244,47 @@ def test_packed_pass_equals_each_members_plain_pass(options, kernels, monkeypatc
         for (name, p), q in zip(pack.named_parameters(), members[k].parameters()):
             assert torch.allclose(p.grad[k], q.grad, rtol=1e-10, atol=1e-13), name
         assert torch.allclose(out.x_mean[k * b:(k + 1) * b], o.x_mean, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("options", OPTIONS[1:3], ids=["recurrent", "backward-mlp"])
+def test_a_member_view_shares_the_packs_parameters_and_gradients(options):
+    """PackedDSAE.member_view(k): a plain DSAE on member k's slices (what CPU member passes
+    run): its pass equals member k's own model, its backward lands in the k-th slices of the
+    stacked gradients only (a frozen group gets none), and an update of the pack shows in it."""
+    from tsdsae.config import ModelConfig
+
+    cfg = ModelConfig(input_dim=12, v_dim=4, z_dim=3, encoder_hidden=(8, 8),
+                      transition_hidden=(5, 5), decoder_hidden=(8, 8), **options)
+    members = []
+    for k in range(3):
+        torch.manual_seed(k)
+        members.append(DSAE(cfg).double())
+    members[1].take_snapshot()
+    pack = PackedDSAE(members)
+    view = pack.member_view(1)
+    view.set_trainable({"global", "decoder"})               # stage 1: local modules frozen
+    members[1].set_trainable({"global", "decoder"})
+    pack.bind_member_grads(view, 1)
+    x = torch.randn(4, 7, 12, dtype=torch.float64)
+    mask = torch.ones(4, 7, dtype=torch.bool)
+    losses = []
+    for model in (view, members[1]):
+        torch.manual_seed(5)
+        out = model(x, mask)
+        terms = elbo_terms(x, mask, out, model.informed_prior(x, mask))
+        losses.append(terms["recon"] + terms["kl_z"] + terms["kl_v"])
+        losses[-1].backward()
+    assert float(losses[0].detach()) == float(losses[1].detach())
+    local = set(DSAE.GROUPS["local"])
+    for (name, p), q in zip(pack.named_parameters(), members[1].parameters()):
+        assert not p.grad[0].any() and not p.grad[2].any(), name
+        if name.split(".")[0] in local:
+            assert not p.grad[1].any(), name
+        else:
+            assert torch.equal(p.grad[1], q.grad), name
+    with torch.no_grad():
+        next(pack.parameters())[1].add_(1.0)
+    assert torch.equal(next(view.parameters()), next(pack.parameters())[1])
 
 
 def test_members_must_share_the_architecture(tmp_path):

@@ -263,42 +263,64 @@ def _train_bundle(sweep: dict, bundle: dict, options: dict) -> None:
             store.write_bytes("stage_2.json", json.dumps(marker, indent=1).encode())
 
 
+def _finish_run(sweep: dict, group: dict, variant: str, marker: dict | None,
+                options: dict) -> dict:
+    """One grid point through tsdsae.ray_train.train_driver_fn: trains the stages that have no
+    marker yet (none after packs) and evaluates the run; returns its summary."""
+    from tsdsae.ray_train import driver_config, run_dir, train_driver_fn
+
+    cfg = _run_config(sweep, group["overrides"], variant,
+                      f"{sweep['name']}-{group['key']}-{variant}")
+    store = open_store(run_dir(cfg), cfg.data.endpoint_url or None)
+    if marker is not None and not store.exists("stage_1.json"):
+        store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
+    # Create (or find) the child run first so its grid tags are there from the start; the driver
+    # resumes the same run by its key. A finished run is left as it is: the driver returns its
+    # stored summary.
+    if not store.exists("result.json"):
+        _child_run(sweep, group, cfg, variant, marker is not None)
+    summary = train_driver_fn(driver_config(cfg, parent_run_id=sweep["parent_run_id"], **options))
+    if summary.get("mlflow_run_id"):            # where the report page finds the model to hear
+        tracking.MlflowTracker(cfg.tracking.uri, summary["mlflow_run_id"]).set_tags(
+            {BEST_CHECKPOINT_TAG: summary["best_checkpoint"]})
+    return summary
+
+
 def trial_fn(config: dict) -> None:
     """One Tune trial: every model variant of the trial groups of one bundle (one group unless
-    runs are packed), each evaluated (and, unpacked, trained) as a full Ray Train run; with
-    sweep["pack"] > 1 the bundle's runs first train in packs (_train_bundle)."""
+    runs are packed), each trained and evaluated as a full Ray Train run (_finish_run). With
+    sweep["pack"] > 1 the bundle's runs first train in packs (_train_bundle), then are evaluated
+    side by side as Ray tasks (a CPU share of a worker each), since a bundle holds many runs."""
+    import ray
     from ray import tune
-
-    from tsdsae.ray_train import driver_config, run_dir, train_driver_fn
 
     sweep, bundle = config["sweep"], config["bundle"]
     options = dict(sweep["ray_options"])
-    if int(sweep.get("pack", 1)) > 1:
+    packed = int(sweep.get("pack", 1)) > 1
+    if packed:
         _train_bundle(sweep, bundle, options)
-    metrics: dict[str, Any] = {"bundle": bundle["key"]}
+    points = []                                      # (label, group, variant, stage-1 marker)
     for group in bundle["groups"]:
         label = f"{group['key']}/" if len(bundle["groups"]) > 1 else ""
         marker = _shared_stage_1(sweep, group, options) if _is_shared(group) else None
-        for variant in group["variants"]:
-            cfg = _run_config(sweep, group["overrides"], variant,
-                              f"{sweep['name']}-{group['key']}-{variant}")
-            location = run_dir(cfg)
-            store = open_store(location, cfg.data.endpoint_url or None)
-            if marker is not None and not store.exists("stage_1.json"):
-                store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
-            # Create (or find) the child run first so its grid tags are there from the start;
-            # the driver resumes the same run by its key. A finished run is left as it is: the
-            # driver returns its stored summary.
-            if not store.exists("result.json"):
-                _child_run(sweep, group, cfg, variant, marker is not None)
-            summary = train_driver_fn(driver_config(cfg, parent_run_id=sweep["parent_run_id"],
-                                                    **options))
-            if summary.get("mlflow_run_id"):    # where the report page finds the model to hear
-                tracking.MlflowTracker(cfg.tracking.uri, summary["mlflow_run_id"]).set_tags(
-                    {BEST_CHECKPOINT_TAG: summary["best_checkpoint"]})
-            for k, v in (summary.get("eval") or {}).items():
-                metrics[f"{label}{variant}/{k}"] = v
-            metrics[f"{label}{variant}/best_val"] = summary["best_val"]
+        points += [(label, group, variant, marker) for variant in group["variants"]]
+    if packed and len(points) > 1:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        # outside the trial's placement group (its 0.01 CPU), like the trial's Ray Train jobs
+        task = ray.remote(_finish_run).options(
+            num_cpus=options["cpus_per_worker"],
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+        summaries = ray.get([task.remote(sweep, group, variant, marker, options)
+                             for _, group, variant, marker in points])
+    else:
+        summaries = [_finish_run(sweep, group, variant, marker, options)
+                     for _, group, variant, marker in points]
+    metrics: dict[str, Any] = {"bundle": bundle["key"]}
+    for (label, _, variant, _), summary in zip(points, summaries):
+        for k, v in (summary.get("eval") or {}).items():
+            metrics[f"{label}{variant}/{k}"] = v
+        metrics[f"{label}{variant}/best_val"] = summary["best_val"]
     tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
 
 

@@ -567,7 +567,7 @@ def run_sweep(args) -> dict:
     pack = pack_size(args)
     bundles = _bundles(groups, grid.preset, pack)
     packing = f", packs of up to {pack} runs" if pack > 1 else ""
-    print(f"sweep {name}: grid {grid.name} ({n_points} runs in {len(bundles)} trials{packing}), "
+    print(f"sweep {name}: grid {grid.name} ({n_points} runs in {len(bundles)} trial{'s' * (len(bundles) != 1)}{packing}), "
           f"datasets {datasets}, storage {storage.uri}, MLflow {tracking_uri}", flush=True)
 
     experiment_id = tracking.describe_experiment(tracking_uri, args.experiment, EXPERIMENT_NOTE)

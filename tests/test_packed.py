@@ -199,15 +199,11 @@ OPTIONS = [dict(),
 
 @pytest.mark.parametrize("options", OPTIONS,
                          ids=["default", "recurrent", "backward-mlp", "forward-lstm"])
-@pytest.mark.parametrize("kernels", ["per-member", "batched"])
-def test_packed_pass_equals_each_members_plain_pass(options, kernels, monkeypatch):
+def test_packed_pass_equals_each_members_plain_pass(options):
     """Plain reference: each member's own DSAE.forward and losses, with its own generator's
-    draws; unequal lengths, both swaps, float64, every option string; both ways of running the
-    packed layers (CPU: member by member; GPU: baddbmm and the batched LSTM recurrence)."""
+    draws; unequal lengths, both swaps, float64, every option string; the packed layers'
+    batched products and LSTM recurrence."""
     from tsdsae.config import ModelConfig
-    from tsdsae.model import packed
-
-    monkeypatch.setattr(packed, "PER_MEMBER_ON_CPU", kernels == "per-member")
 
     cfg = ModelConfig(input_dim=12, v_dim=4, z_dim=3, encoder_hidden=(8, 8),
                       transition_hidden=(5, 5), decoder_hidden=(8, 8), **options)

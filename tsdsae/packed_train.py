@@ -46,7 +46,7 @@ from tsdsae.model.dsae import DSAE
 from tsdsae.model.layers import DiagNormal, noise_source
 from tsdsae.model.packed import MemberNoise, PackedDSAE, block_permutation
 from tsdsae.train_step import loss_terms
-from tsdsae.trainer import batch_parts, epoch_seed, load_data, resolve_device
+from tsdsae.trainer import PriorCache, batch_parts, epoch_seed, load_data, resolve_device
 
 # Keys members of one pack must share (the rest may differ per member).
 SWAP_TERMS = TERMS[3:]
@@ -394,7 +394,16 @@ class PackedTrainer:
 
     @torch.no_grad()
     def _prior_of(self, split: Split, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every member's q_snapshot(v | x) for every clip: loc, logvar (K, N, V)."""
+        """Every member's q_snapshot(v | x) for every clip: loc, logvar (K, N, V) (zeros for a
+        member without a snapshot). With member passes, each member's as its run alone computes
+        it (tsdsae.trainer.PriorCache on the member's view)."""
+        if self.member_passes:
+            caches = [PriorCache(v, split).prior if v.has_snapshot else None
+                      for v in self._member_views()]
+            shape = next(c for c in caches if c is not None).loc.shape
+            zeros = split.features.new_zeros(shape)
+            return (torch.stack([zeros if c is None else c.loc for c in caches]),
+                    torch.stack([zeros if c is None else c.logvar for c in caches]))
         locs, logvars = [], []
         for s in range(0, len(split), batch):
             x, m = split.features[s:s + batch], split.mask[s:s + batch]

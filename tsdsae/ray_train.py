@@ -450,9 +450,8 @@ def pack_markers(cfgs: Sequence[RunConfig], stage: int = 2) -> list[dict]:
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}
         metrics.update(best_val=early["best_val"], best_epoch=early["best_epoch"],
                        stopped_early=early["bad_epochs"] >= cfg.schedule.patience)
-        # Ray's convention for S3 checkpoint paths: bucket/key (see _checkpoint_uri)
-        path = last[len("s3://"):] if last.startswith("s3://") else last
-        markers.append({"stage": stage, "checkpoint": path, "metrics": metrics, "packed": True})
+        markers.append({"stage": stage, "checkpoint": ray_path(last), "metrics": metrics,
+                        "packed": True})
     return markers
 
 
@@ -598,6 +597,12 @@ def _best_text(metrics: Mapping[str, Any]) -> str:
     return text
 
 
+def ray_path(uri: str) -> str:
+    """A checkpoint location as Ray names it: S3 as "bucket/key" (the inverse of
+    _checkpoint_uri), local paths as they are."""
+    return uri[len("s3://"):] if uri.startswith("s3://") else uri
+
+
 def _checkpoint_uri(path: str, location: str) -> str:
     # Ray gives S3 checkpoint paths as "bucket/key" (the filesystem knows the scheme).
     return f"s3://{path}" if location.startswith("s3://") and "://" not in path else path
@@ -626,6 +631,6 @@ def driver_config(cfg: RunConfig, **options) -> dict:
 
 
 __all__ = ["RayOptions", "RankTrainer", "RankPackedTrainer", "train_pack_per_worker",
-           "run_pack", "pack_markers", "scaling_config", "BatchShare", "ddp_wrap",
+           "run_pack", "pack_markers", "ray_path", "scaling_config", "BatchShare", "ddp_wrap",
            "WORKER_ENV", "split_config", "run_dir", "stage_jobs", "train_loop_per_worker",
            "run_stage", "train_driver_fn", "driver_config", "configure_device", "runtime_env"]

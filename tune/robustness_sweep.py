@@ -166,8 +166,8 @@ def _train_bundle(sweep: dict, bundle: dict, options: dict) -> None:
     so trial_fn only evaluates. A pack whose members all have their markers is skipped; an
     interrupted one resumes from its pack.pt."""
     from tsdsae import checkpoint
-    from tsdsae.ray_train import (STATE_FILE, _stage_checkpoint, pack_markers, resolve_locations,
-                                  run_dir, stage_jobs)
+    from tsdsae.ray_train import (STATE_FILE, _stage_checkpoint, pack_markers, ray_path,
+                                  resolve_locations, run_dir, stage_jobs)
 
     root, prefix = sweep["checkpoint_root"], f"{sweep['name']}-{bundle['key']}"
 
@@ -222,8 +222,7 @@ def _train_bundle(sweep: dict, bundle: dict, options: dict) -> None:
                 state = checkpoint.load(f"{run_dir(cfg)}/last.pt", "cpu", endpoint)
                 folder = f"{run_dir(cfg)}/stage_1_state"
                 checkpoint.save(state, f"{folder}/{STATE_FILE}", endpoint)
-                path = folder[len("s3://"):] if folder.startswith("s3://") else folder
-                marker.update(checkpoint=path, shared_from=run_dir(cfg))
+                marker.update(checkpoint=ray_path(folder), shared_from=run_dir(cfg))
                 store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
                 tracker.finish()
             else:

@@ -69,13 +69,12 @@ def decode_npy(data: bytes) -> np.ndarray:
     shard, in a long test process; such an error is retried (twice) before the member counts as
     undecodable.
     """
-    for attempt in range(3):
+    for _ in range(3):
         try:
             return np.load(io.BytesIO(data), allow_pickle=False)
         except SystemError as exc:
-            if attempt == 2:
-                raise ValueError(f"numpy could not parse the .npy header ({exc})") from None
-    raise AssertionError("unreachable")
+            error = exc
+    raise ValueError(f"numpy could not parse the .npy header ({error})") from None
 
 
 def decode_json(data: bytes) -> dict:

@@ -41,13 +41,6 @@ from tsdsae.model.dsae import DSAE
 from tsdsae.model.layers import MLP, DiagNormal
 
 
-# How packed layers run on CPU: True = member by member through the CPU kernels (oneDNN
-# linears, torch's fused LSTM), since a CPU has no kernel launches to save; False = the batched
-# form the GPU runs (one baddbmm per linear map, the LSTM recurrence over t on (K, B, H)).
-# Both compute the same function (tests run both on CPU).
-PER_MEMBER_ON_CPU = True
-
-
 class PackState:
     """What every packed layer of one pack shares: `members` K, `batch` B (rows per member in the
     current pass) and `drawing` (K,) bool, which members draw noise now (see MemberNoise).
@@ -87,29 +80,18 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   state: PackState) -> torch.Tensor:
     """Each member's x W_k^T + b_k: x (R, ..., I) with R = G*K*B rows (PackState layout),
     weight (K, O, I), bias (K, O) or None -> (R, ..., O). One batched matrix product (for
-    G > 1 the chunks are gathered per member first); on CPU, see PER_MEMBER_ON_CPU."""
+    G > 1 the chunks are gathered per member first)."""
     k, rows, width = weight.shape[0], x.shape[0], x.shape[-1]
     g = state.chunks(rows)
     inner = x.shape[1:-1]
-    if x.device.type == "cpu" and PER_MEMBER_ON_CPU:
-        # CPU: no launches to save; each (chunk, member) block, a contiguous run of rows, goes
-        # through tsdsae.model.fast_cpu.linear (oneDNN for float32 with many rows, several times
-        # faster than a batched sgemm) and no chunk is gathered. unbind, not indexing: an
-        # index's backward writes a full-size zero gradient per block.
-        weights = weight.unbind(0)
-        biases = [None] * k if bias is None else bias.unbind(0)
-        blocks = x.reshape(g * k, -1, width).unbind(0)
-        y = torch.stack([fast_cpu.linear(xb, weights[i % k], biases[i % k])
-                         for i, xb in enumerate(blocks)])
+    if g == 1:
+        xs = x.reshape(k, -1, width)                                   # (K, B*M, I): a view
     else:
-        if g == 1:
-            xs = x.reshape(k, -1, width)                               # (K, B*M, I): a view
-        else:
-            xs = x.reshape(g, k, -1, width).transpose(0, 1).reshape(k, -1, width)
-        wt = weight.transpose(1, 2)
-        y = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
-        if g != 1:
-            y = y.reshape(k, g, -1, y.shape[-1]).transpose(0, 1)
+        xs = x.reshape(g, k, -1, width).transpose(0, 1).reshape(k, -1, width)
+    wt = weight.transpose(1, 2)
+    y = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
+    if g != 1:
+        y = y.reshape(k, g, -1, y.shape[-1]).transpose(0, 1)
     return y.reshape(rows, *inner, weight.shape[1])
 
 
@@ -156,38 +138,6 @@ class PackedLSTM(nn.Module):
     def forward(self, x: torch.Tensor, hx=None):
         if hx is not None:
             raise ValueError("PackedLSTM starts from a zero state")
-        if x.device.type == "cpu" and PER_MEMBER_ON_CPU:
-            return self._per_member(x)
-        return self._recurrence(x)
-
-    def _per_member(self, x: torch.Tensor):
-        k = self.state.members
-        g = self.state.chunks(x.shape[0])
-        blocks = x.reshape(g, k, -1, *x.shape[1:]).transpose(0, 1) if g > 1 else \
-            x.reshape(k, -1, *x.shape[1:])                                  # (K, G*B, T, I)
-        names = [f"{n}_l{layer}" for layer in range(self.num_layers)
-                 for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        weights = list(zip(*(getattr(self, n).unbind(0) for n in names)))   # K x (params)
-        outs, hs, cs = [], [], []
-        for m, block in enumerate(blocks.unbind(0)):
-            xm = block.reshape(-1, *x.shape[1:])
-            zeros = x.new_zeros(self.num_layers, xm.shape[0], self.hidden_size)
-            out, h, c = torch.lstm(xm, (zeros, zeros), list(weights[m]),
-                                   True, self.num_layers, 0.0, self.training, False, True)
-            outs.append(out)
-            hs.append(h)
-            cs.append(c)
-
-        def rows(parts, dim):                          # member blocks back to packed rows
-            t = torch.stack(parts, dim)                # (..., K, G*B, ...)
-            if g == 1:
-                return t.flatten(dim, dim + 1)
-            t = t.unflatten(dim + 1, (g, -1)).transpose(dim, dim + 1)
-            return t.flatten(dim, dim + 2)
-
-        return rows(outs, 0), (rows(hs, 1), rows(cs, 1))
-
-    def _recurrence(self, x: torch.Tensor):
         rows, steps, _ = x.shape
         h_layer, last_h, last_c = x, [], []
         for layer in range(self.num_layers):
@@ -234,8 +184,8 @@ class PackedMLP(MLP):
     """K MLPs (Linear -> tanh per layer, tsdsae.model.layers.MLP) of the same sizes; its
     Linears become PackedLinear (same names, layers.0.weight, ...). Evaluated in sigmoid form,
     tanh(a) = 2 sigmoid(2a) - 1, with the affine parts folded into the next layer's weights
-    (W (2s - 1) + b = 2W s + (b - W 1)): one batched product and one sigmoid per layer (on CPU
-    torch's sigmoid is several times faster than its tanh). Same function as the plain MLP."""
+    (tsdsae.model.fast_cpu.on_half): one batched product and one sigmoid per layer. Same
+    function as the plain MLP."""
 
     def __init__(self, mlp: MLP):
         nn.Module.__init__(self)
@@ -246,14 +196,11 @@ class PackedMLP(MLP):
         kinds = [type(m) for m in self.layers]
         if kinds != [PackedLinear, nn.Tanh] * (len(kinds) // 2):
             return self.layers(x)                      # not Linear -> tanh: as it is
-        h, s = x, None
+        s = x
         for i, lin in enumerate(self.layers[0::2]):
-            w, b = lin.weight, lin.bias
-            if i:                                      # h = s, the previous layer's sigmoid form
-                b = b - w.sum(dim=2)
-                w = 2.0 * w
-            s = torch.sigmoid(packed_linear(h, 2.0 * w, 2.0 * b, lin.state))
-            h = s
+            # after the first layer, s is the previous layer's sigmoid form
+            w, b = fast_cpu.on_half(lin.weight, lin.bias) if i else (lin.weight, lin.bias)
+            s = torch.sigmoid(packed_linear(s, 2.0 * w, 2.0 * b, lin.state))
         return 2.0 * s - 1.0
 
 

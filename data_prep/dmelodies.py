@@ -6,8 +6,9 @@
 A melody is two bars of 4/4: four arpeggiated chords I-IV-V-I of three notes each (12 notes).
 Nine factors: tonic (12), octave (4, 5, 6), scale (major, harmonic minor, blues), the rhythm of
 each bar (6 onsets among 8 eighths: 28 patterns) and the arpeggio direction of each chord (up /
-down): 12 * 3 * 3 * 28 * 28 * 2^4 = 1,354,752 melodies. A note lasts until the next onset in its
-bar, or to the bar's end. The paper's configuration (the default) fixes C, octave 4, major and
+down): 12 * 3 * 3 * 28 * 28 * 2^4 = 1,354,752 melodies. As in the original generator, each onset
+eighth holds a note one eighth long and every other eighth is a rest (notes never reach the next
+onset). The paper's configuration (the default) fixes C, octave 4, major and
 keeps bar-1 rhythms that start on the first eighth and bar-2 rhythms with an onset on the last
 eighth: 21 * 21 * 16 = 7,056 melodies; 3,600 of them, half violin, half trumpet, split
 train 2,400 / val 600 / test 600. Train and val have the paper's sizes; the test split is held
@@ -49,6 +50,11 @@ DEFAULT_FRACTIONS = (4 / 6, 1 / 6, 1 / 6)
 FULL_SHAPE = (len(TONICS), len(OCTAVES), len(SCALES), len(RHYTHMS), len(RHYTHMS), 2, 2, 2, 2)
 
 # General MIDI programs (0-based) for a few melodic instruments; any other: name=program.
+# Identifies the melody rule in a dataset's parameters: 2 = notes one eighth long with rests on
+# the other positions (the original generator); 1 (absent) = the earlier legato notes. A dataset
+# made by another version is not reused (build_dataset names the differing parameter).
+GENERATOR_VERSION = 2
+
 GM_PROGRAMS = {"piano": 0, "violin": 40, "viola": 41, "cello": 42, "trumpet": 56,
                "trombone": 57, "horn": 60, "alto_sax": 65, "oboe": 68, "clarinet": 71,
                "flute": 73}
@@ -77,16 +83,20 @@ class Melody:
 
     def notes(self, qpm: float = 120.0,
               clip_seconds: float = features.CLIP_SECONDS) -> list[list[float]]:
-        """[[pitch, onset_s, duration_s], ...]; each note sounds until the next onset in its bar
-        or the bar's end. Notes are cut at clip_seconds (only matters for qpm < 120)."""
+        """[[pitch, onset_s, duration_s], ...] (seconds), 12 notes in playing order.
+
+        METHOD s1 (the original generator's rule): within a bar of 8 eighth positions, each onset
+        position holds a note one eighth long and each other position is an eighth rest; a note
+        never extends to the next onset. Notes are cut at clip_seconds (only matters for
+        qpm < 120, when the melody is longer than the clip).
+        """
         eighth = 60.0 / qpm / 2.0
         pitches = iter(self.pitches())
         out = []
         for bar, rhythm in enumerate((RHYTHMS[self.rhythm_bar1], RHYTHMS[self.rhythm_bar2])):
-            ends = list(rhythm[1:]) + [8]
-            for onset, end in zip(rhythm, ends):
+            for onset in rhythm:
                 start = (bar * 8 + onset) * eighth
-                stop = min((bar * 8 + end) * eighth, clip_seconds)
+                stop = min(start + eighth, clip_seconds)
                 pitch = next(pitches)
                 if start < clip_seconds:
                     out.append([pitch, round(start, 6), round(stop - start, 6)])
@@ -208,7 +218,7 @@ def prepare_dmelodies(output_uri: str, *, n_clips: int = 3600, seed: int = 0,
               "octave": octave, "scale": scale, "rhythm_filter": rhythm_filter, "qpm": qpm,
               "fractions": fracs, "samples_per_shard": samples_per_shard,
               "soundfont": font.name, "soundfont_bytes": font.stat().st_size, "gain": gain,
-              "reverb": reverb, "velocity": 100}
+              "reverb": reverb, "velocity": 100, "generator_version": GENERATOR_VERSION}
     names = list(programs)
 
     def make_plan() -> dict:

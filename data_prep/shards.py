@@ -258,6 +258,21 @@ def _clear_outputs(store: Store) -> None:
             store.delete(rel)
 
 
+def _param_diff(stored, wanted: dict, limit: int = 4) -> str:
+    """'name: stored -> wanted' for the first `limit` parameters that differ (for messages)."""
+    stored = stored if isinstance(stored, dict) else {}
+    keys = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    parts = [f"{k}: {_short(stored.get(k, 'absent'))} there, {_short(wanted.get(k, 'absent'))} "
+             "here" for k in keys[:limit]]
+    more = f", and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "; ".join(parts) + more if parts else "unreadable parameters"
+
+
+def _short(value, width: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def build_dataset(store: Store, *, name: str, tool: str, params: dict,
                   make_plan: Callable[[], dict], render: Callable[[ShardTask], list[Sample]],
                   samples_per_shard: int = 256, workers: int = 2, overwrite: bool = False,
@@ -279,8 +294,9 @@ def build_dataset(store: Store, *, name: str, tool: str, params: dict,
         if existing.get("made_by", {}).get("params") == params:
             return store.url(MANIFEST_NAME)
         if not overwrite:
-            raise ValueError(f"{store.uri} already holds a dataset made with other parameters; "
-                             "choose another output or pass --overwrite")
+            raise ValueError(f"{store.uri} already holds a dataset made with other parameters "
+                             f"({_param_diff(existing.get('made_by', {}).get('params'), params)}); "
+                             "choose another output or pass --overwrite to make it again")
         _clear_outputs(store)
 
     plan = None
@@ -291,7 +307,8 @@ def build_dataset(store: Store, *, name: str, tool: str, params: dict,
             if prepare_resume is not None:
                 prepare_resume(plan)
         elif not overwrite:
-            raise ValueError(f"{store.uri} holds an unfinished preparation with other parameters; "
+            raise ValueError(f"{store.uri} holds an unfinished preparation with other parameters "
+                             f"({_param_diff(state.get('params'), params)}); "
                              "choose another output or pass --overwrite")
         else:
             _clear_outputs(store)

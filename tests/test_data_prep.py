@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shutil
 import tarfile
@@ -44,13 +45,57 @@ def test_melody_pitches_and_note_durations():
     assert melody.pitches() == [60, 64, 67, 72, 69, 65, 67, 71, 74, 60, 64, 67]
     notes = melody.notes()
     assert len(notes) == 12
-    # Bar 1: five eighths, then the sixth note lasts to the end of the bar (eighths 5..8).
-    assert notes[0] == [60, 0.0, 0.25] and notes[5] == [65, 1.25, 0.75]
+    # Bar 1: six eighths, then two eighth rests (the sixth note does not ring to the bar's end).
+    assert notes[0] == [60, 0.0, 0.25] and notes[5] == [65, 1.25, 0.25]
     # Bar 2 starts on its third eighth; the last note ends at 4 s.
     assert notes[6] == [67, 2.5, 0.25] and notes[11] == [67, 3.75, 0.25]
     blues = Melody("A", 5, "blues", 3, 3, ("up",) * 4)
     assert blues.pitches()[:3] == [81, 81 + 3, 81 + 6]
     assert Melody("C", 4, "minor", 0, 0, ("up",) * 4).pitches()[:3] == [60, 63, 67]
+
+
+def test_every_paper_melody_follows_the_original_rule():
+    """All 7,056 melodies of the paper's space against the rule stated independently: 16 eighth
+    slots of 0.25 s; a slot that is an onset of its bar's rhythm holds exactly one note of one
+    eighth, every other slot is silent."""
+    space = FactorSpace.filtered()
+    assert len(space) == 7_056
+    patterns = list(itertools.combinations(range(8), 6))    # 6 onsets among 8 eighths, in order
+    for index in range(len(space)):
+        melody = space.melody(index)
+        bar1 = patterns[melody.rhythm_bar1]
+        bar2 = patterns[melody.rhythm_bar2]
+        assert bar1[0] == 0 and bar2[-1] == 7                # the paper's rhythm filter
+        onset_slots = [s for s in bar1] + [8 + s for s in bar2]
+        notes = melody.notes()
+        assert len(notes) == 12
+        sounding = np.zeros(16, dtype=int)
+        for pitch, onset, duration in notes:
+            assert duration == 0.25, (index, notes)
+            slot = onset / 0.25
+            assert slot == int(slot)
+            sounding[int(slot)] += 1
+        assert sorted(np.flatnonzero(sounding).tolist()) == onset_slots, index
+        assert sounding.max() == 1                           # one note per onset, none elsewhere
+        assert [n[0] for n in notes] == melody.pitches()
+
+
+def test_rendered_rests_are_quieter_than_notes():
+    # Bar 1 plays eighths 0..5 and rests on 6, 7 (1.5 .. 2.0 s); the violin's release may ring
+    # into the rest, so compare energies rather than expect silence.
+    melody = Melody("C", 4, "major", 0, len(RHYTHMS) - 1, ("up",) * 4)
+    audio = audio_mod.render_clips([audio_mod.Clip(40, tuple(tuple(n) for n in melody.notes()))])
+    sr = features.SAMPLE_RATE
+
+    def rms(t0: float, t1: float) -> float:
+        seg = audio[0, int(t0 * sr):int(t1 * sr)]
+        return float(np.sqrt(np.mean(seg.astype(np.float64) ** 2)))
+
+    notes = rms(0.25, 1.5)                 # eighths 1..5: notes sounding
+    rest = rms(1.6, 2.0)                   # eighths 6..7 after the last note's first 0.1 s
+    bar2_rest = rms(2.1, 2.5)              # bar 2's rests (onsets start on its third eighth)
+    assert rest < 0.5 * notes, (rest, notes)
+    assert bar2_rest < 0.5 * notes, (bar2_rest, notes)
 
 
 def test_sampling_is_reproducible_and_distinct():
@@ -240,8 +285,23 @@ def test_rerun_with_same_parameters_returns_at_once(small_dmelodies):
     assert time.monotonic() - start < 2.0
     assert out == str(small_dmelodies / "dataset.json")
     assert before == {p.name: p.stat().st_mtime_ns for p in small_dmelodies.iterdir()}
-    with pytest.raises(ValueError, match="other parameters"):
+    with pytest.raises(ValueError, match="other parameters .seed: 3 there, 4 here"):
         prepare_dmelodies(str(small_dmelodies), **{**SMALL_DMELODIES, "seed": 4})
+
+
+def test_dataset_of_an_earlier_generator_is_not_reused(small_dmelodies, tmp_path):
+    # A dataset whose manifest lacks the generator version (the legato melodies) is refused with
+    # a message naming the version, and --overwrite makes it again.
+    old = tmp_path / "old"
+    shutil.copytree(small_dmelodies, old)
+    manifest = json.loads((old / "dataset.json").read_text())
+    del manifest["made_by"]["params"]["generator_version"]
+    (old / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match='generator_version: "absent" there, 2 here.*--overwrite'):
+        prepare_dmelodies(str(old), **SMALL_DMELODIES)
+    prepare_dmelodies(str(old), **SMALL_DMELODIES, overwrite=True)
+    again = json.loads((old / "dataset.json").read_text())
+    assert again["made_by"]["params"]["generator_version"] == 2
 
 
 def test_killed_prep_resumes_to_the_same_manifest(small_dmelodies, tmp_path):

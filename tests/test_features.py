@@ -63,3 +63,25 @@ def test_front_end_matches_an_independent_librosa_computation():
     # and the filterbank torchaudio builds from the same dict is librosa's
     ta_fb = features.mel_spectrogram().mel_scale.fb.double().numpy()              # (freq, F)
     np.testing.assert_allclose(ta_fb.T, fb, atol=1e-5)             # float32 weights
+
+
+def test_griffin_lim_equals_torchaudios_from_the_same_draws():
+    import torchaudio
+
+    from tsdsae.toy import synthesise
+
+    audio = torch.from_numpy(synthesise([60, 64, 67, 72], "saw", 2.0))[None]
+    stft = torch.stft(audio, 2048, 256, window=torch.hann_window(2048), return_complex=True)
+    power = stft.abs() ** 2
+    reference = torchaudio.transforms.GriffinLim(n_fft=2048, win_length=2048, hop_length=256,
+                                                 power=2.0, n_iter=16)
+    torch.manual_seed(3)
+    expected = reference(power)
+    torch.manual_seed(3)
+    got = features.griffin_lim(power.sqrt(), n_iter=16)
+    assert got.shape == expected.shape
+    # Iterations amplify float32 rounding a little; a different phase start would differ by O(1).
+    assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
+    torch.manual_seed(4)
+    other = features.griffin_lim(power.sqrt(), n_iter=16)
+    assert (other - expected).abs().max() > 0.05 * expected.abs().max()

@@ -46,6 +46,27 @@ def test_crepe_rpa_is_one_against_itself_and_low_two_semitones_off():
     assert np.all(np.abs(1200 * np.log2(first_note / 261.63)) < 50)
 
 
+def test_crepe_f0_equals_torchcrepe_and_frame_selection_keeps_the_chosen_frames():
+    import torchcrepe
+
+    audio = torch.from_numpy(np.stack([synthesise(MELODY, "saw", 2.0),
+                                       synthesise(MELODY + 5, "flute", 2.0)]))
+    ours = crepe_f0(audio, model="tiny", threshold=0.0)
+    f0, periodicity = torchcrepe.predict(
+        audio.float(), features.SAMPLE_RATE, 160, model="tiny",
+        decoder=torchcrepe.decode.weighted_argmax, return_periodicity=True, batch_size=512)
+    assert ours.f0.shape == tuple(f0.shape) == (2, 201)
+    np.testing.assert_allclose(ours.f0, f0.double().numpy(), rtol=1e-4)
+    np.testing.assert_allclose(ours.periodicity, periodicity.double().numpy(), atol=1e-4)
+    only = np.zeros((2, 201), dtype=bool)
+    only[0, 10:50] = only[1, 150:] = True
+    picked = crepe_f0(audio, model="tiny", threshold=0.0, only=only)
+    np.testing.assert_allclose(picked.f0[only], ours.f0[only], rtol=1e-5)
+    assert (picked.f0[~only] == 0).all() and (picked.periodicity[~only] == 0).all()
+    with pytest.raises(ValueError, match="viterbi"):
+        crepe_f0(audio, model="tiny", decoder="viterbi", only=only)
+
+
 class _Oracle(torch.nn.Module):
     """Decodes the input whose z it should use (a perfectly disentangled model) or, with
     `wrong`, the other one."""

@@ -125,10 +125,16 @@ def pitch_metrics(model: DSAE, split: Split, partner: np.ndarray,
             outs = {"recon": (model.reconstruct(x_i, m_i), m_i, i),
                     "gswap": (model.swap_global(x_i, m_i, x_j, m_j), m_i, i),   # decode(z_i, v_j)
                     "lswap": (model.swap_local(x_i, m_i, x_j, m_j), m_j, j)}    # decode(z_j, v_i)
-            for kind, (out, m, ref_idx) in outs.items():
-                est = crepe_f0(gl(out, m), **crepe)
-                ref = _stack_tracks([refs[int(k)] for k in ref_idx.tolist()])
-                per_clip[kind].append(raw_pitch_accuracy(ref, est))
+            # One CREPE pass over the batch's three estimates, on the frames where their
+            # reference is voiced (the only frames raw pitch accuracy counts).
+            audio = [gl(out, m) for out, m, _ in outs.values()]
+            ref = {kind: _stack_tracks([refs[int(k)] for k in ref_idx.tolist()])
+                   for kind, (_, _, ref_idx) in outs.items()}
+            voiced = np.concatenate([r.f0 > 0 for r in ref.values()])
+            est = crepe_f0(torch.cat(audio), only=voiced, **crepe)
+            for k, kind in enumerate(outs):
+                rows = slice(k * len(i), (k + 1) * len(i))
+                per_clip[kind].append(raw_pitch_accuracy(ref[kind], est[rows]))
     result = {f"rpa_{kind}": mean_rpa(np.concatenate(v)) for kind, v in per_clip.items()}
     result["rpa_n_clips"] = int((~np.isnan(np.concatenate(per_clip["recon"]))).sum())
     return result

@@ -82,15 +82,45 @@ def log_mel(audio: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=2)
-def _inverse(device: str, n_iter: int):
+def _inverse_mel(device: str):
     p = FEATURE_PARAMS
-    inv_mel = torchaudio.transforms.InverseMelScale(
+    return torchaudio.transforms.InverseMelScale(
         n_stft=p["n_fft"] // 2 + 1, n_mels=p["n_mels"], sample_rate=p["sample_rate"],
         f_min=p["f_min"], f_max=p["f_max"], norm=p["norm"], mel_scale=p["mel_scale"]).to(device)
-    griffin_lim = torchaudio.transforms.GriffinLim(
-        n_fft=p["n_fft"], win_length=p["win_length"], hop_length=p["hop_length"],
-        window_fn=_WINDOWS[p["window"]], power=p["power"], n_iter=n_iter).to(device)
-    return inv_mel, griffin_lim
+
+
+GRIFFIN_LIM_MOMENTUM = 0.99        # torchaudio's default (fast Griffin-Lim)
+
+
+@torch.no_grad()
+def griffin_lim(magnitude: torch.Tensor, n_iter: int = 32,
+                momentum: float = GRIFFIN_LIM_MOMENTUM) -> torch.Tensor:
+    """Fast Griffin-Lim: magnitude STFT (B, n_fft/2+1, T) -> audio (B, (T - 1) * hop).
+
+    The algorithm and the draws of torchaudio.functional.griffinlim (random complex phase start
+    from torch.rand, momentum m / (1 + m), n_fft 2048 / hop 256 / Hann, centred reflect-padded
+    STFT), with the momentum step as one fused add and the phase normalisation
+    angles / (|angles| + 1e-16) as torch.sgn: complex abs, division and the momentum's two
+    passes dominate torchaudio's loop on CPU; this form is faster and equal to float32
+    rounding (tests/test_features.py compares both).
+    """
+    p = FEATURE_PARAMS
+    window = _WINDOWS[p["window"]](p["win_length"], device=magnitude.device)
+    stft = dict(n_fft=p["n_fft"], hop_length=p["hop_length"], win_length=p["win_length"],
+                window=window)
+    m = momentum / (1 + momentum)
+    angles = torch.rand(magnitude.shape, dtype=torch.complex64, device=magnitude.device)
+    previous = None
+    for _ in range(n_iter):
+        inverse = torch.istft(magnitude * angles, **stft)
+        rebuilt = torch.stft(inverse, center=True, pad_mode="reflect", normalized=False,
+                             onesided=True, return_complex=True, **stft)
+        angles = rebuilt if previous is None or not m else torch.add(rebuilt, previous,
+                                                                      alpha=-m)
+        # z / |z| (0 for z = 0); torchaudio's z / (|z| + 1e-16) differs only for |z| < 1e-9.
+        angles = angles.sgn()
+        previous = rebuilt
+    return torch.istft(magnitude * angles, **stft)
 
 
 @torch.no_grad()
@@ -103,11 +133,10 @@ def mel_to_audio(features: torch.Tensor, n_iter: int = 32) -> torch.Tensor:
     squeeze = features.dim() == 2
     if squeeze:
         features = features[None]
-    inv_mel, griffin_lim = _inverse(str(features.device), n_iter)
     power_mel = torch.exp(features.float()).transpose(1, 2)           # (B, F, T)
     # exp(log(x + eps)) leaves eps in silent bins; remove it so silence inverts to silence.
     power_mel = (power_mel - LOG_EPS).clamp_min(0.0)
-    spec = inv_mel(power_mel)                                          # (B, n_fft/2+1, T)
-    audio = griffin_lim(spec)
+    spec = _inverse_mel(str(features.device))(power_mel)             # (B, n_fft/2+1, T)
+    audio = griffin_lim(spec.pow(1 / FEATURE_PARAMS["power"]), n_iter)
     audio = peak_normalise(audio)
     return audio[0] if squeeze else audio

@@ -62,44 +62,96 @@ def _decoder(name: str):
     return getattr(torchcrepe.decode, name)
 
 
+def _network(model: str, device: torch.device):
+    """torchcrepe's bundled network for `model` on `device`, in eval mode (loaded once)."""
+    import torchcrepe
+
+    if (getattr(torchcrepe.infer, "capacity", None) != model
+            or not hasattr(torchcrepe.infer, "model")
+            or next(torchcrepe.infer.model.parameters()).device != device):
+        torchcrepe.load.model(str(device), model)
+    return torchcrepe.infer.model.eval()
+
+
+def crepe_probabilities(net, frames: torch.Tensor) -> torch.Tensor:
+    """CREPE's forward pass (torchcrepe.model.Crepe.forward, the same weights and operations)
+    on normalised frames (N, 1024) -> pitch-bin activations (N, 360).
+
+    torchcrepe writes its convolutions as 2-D ones over a (1024, 1) image; oneDNN runs those
+    about 2x slower on CPU than the equal 1-D convolutions used here (same padding, stride,
+    ReLU, batch norm in eval mode, max-pool 2). tests/test_pitch.py compares both."""
+    import torch.nn.functional as F
+
+    x = frames[:, None, :]
+    for k in range(1, 7):
+        conv, bn = getattr(net, f"conv{k}"), getattr(net, f"conv{k}_BN")
+        x = F.pad(x, (254, 254) if k == 1 else (31, 32))
+        x = F.conv1d(x, conv.weight[..., 0], conv.bias, stride=conv.stride[0])
+        x = F.batch_norm(F.relu(x), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                         training=False, eps=bn.eps)
+        x = F.max_pool1d(x, 2, 2)
+    return torch.sigmoid(net.classifier(x.permute(0, 2, 1).reshape(x.shape[0], -1)))
+
+
 @torch.no_grad()
 def crepe_f0(audio: torch.Tensor | np.ndarray, model: str = "full",
              decoder: str = "weighted_argmax",
              threshold: float = PERIODICITY_THRESHOLD, device: str | torch.device = "cpu",
-             frames_per_batch: int = 1024, progress: bool = False) -> PitchTrack:
+             frames_per_batch: int = 1024, progress: bool = False,
+             only: np.ndarray | None = None) -> PitchTrack:
     """f0 of mono 16 kHz audio (S,) or (B, S) at a 10 ms hop -> PitchTrack with T' = 1 + S // 160.
 
-    `model` 'full' (the paper's) or 'tiny'; `decoder` one of DECODERS; at most `frames_per_batch` CREPE frames go through the network at once.
+    `model` 'full' (the paper's) or 'tiny'; `decoder` one of DECODERS; at most
+    `frames_per_batch` CREPE frames go through the network at once. `only` (B, T') bool: run
+    CREPE on those frames alone, the others get f0 0 and periodicity 0 (unvoiced); for an
+    estimate whose reference is unvoiced on the other frames, raw pitch accuracy is the same
+    (it counts only the reference's voiced frames). Needs a frame-wise decoder (not viterbi).
+    Raises ValueError for an unknown model or decoder, or audio of another rank.
     """
     import torchcrepe
 
     if model not in MODELS:
         raise ValueError(f"CREPE model {model!r} is not one of {list(MODELS)} (the weights "
                          "torchcrepe ships)")
+    device = torch.device(device)
     x = torch.as_tensor(audio, dtype=torch.float32)
     x = x[None] if x.dim() == 1 else x
     if x.dim() != 2:
         raise ValueError(f"audio must be (S,) or (B, S), got shape {tuple(x.shape)}")
-    frames = 1 + x.shape[1] // CREPE_HOP
-    per_forward = max(1, frames_per_batch // frames)       # clips per network pass
     decode = _decoder(decoder)
-    f0s, periodicities = [], []
-    starts = range(0, x.shape[0], per_forward)
+    if only is not None and decoder == "viterbi":
+        raise ValueError("frame selection (`only`) needs a frame-wise decoder, not viterbi")
+    n_clips, n_frames = x.shape[0], 1 + x.shape[1] // CREPE_HOP
+    keep = (torch.ones(n_clips, n_frames, dtype=torch.bool) if only is None
+            else torch.as_tensor(np.asarray(only, dtype=bool)))
+    if keep.shape != (n_clips, n_frames):
+        raise ValueError(f"`only` must be {(n_clips, n_frames)}, got {tuple(keep.shape)}")
+    net = _network(model, device)
+    # Normalised frames of the kept positions (torchcrepe.preprocess: zero-padded, mean-centred,
+    # scaled by the frame's standard deviation), a few clips at a time to bound memory.
+    per_clip = max(1, (8 * frames_per_batch) // n_frames)
+    chunks = []
+    for s in range(0, n_clips, per_clip):
+        frames = next(torchcrepe.preprocess(x[s:s + per_clip], features.SAMPLE_RATE, CREPE_HOP,
+                                            None, device, pad=True))
+        chunks.append(frames[keep[s:s + per_clip].reshape(-1).to(device)])
+    frames = torch.cat(chunks) if chunks else torch.zeros(0, torchcrepe.WINDOW_SIZE)
+    starts = range(0, len(frames), frames_per_batch)
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc=f"CREPE {model}", unit="batch", leave=False)
-    for s in starts:
-        chunk = x[s:s + per_forward]
-        f0, periodicity = torchcrepe.predict(
-            chunk, features.SAMPLE_RATE, CREPE_HOP, model=model, decoder=decode,
-            return_periodicity=True, batch_size=max(1, frames_per_batch // chunk.shape[0]),
-            device=str(device), pad=True)
-        f0s.append(f0.cpu())
-        periodicities.append(periodicity.cpu())
-    f0 = torch.cat(f0s).double().numpy()
-    periodicity = torch.cat(periodicities).double().numpy()
+    probs = [crepe_probabilities(net, frames[s:s + frames_per_batch]) for s in starts]
+    f0 = np.zeros((n_clips, n_frames))
+    periodicity = np.zeros((n_clips, n_frames))
+    if probs:
+        p = torch.cat(probs)                                   # (N, 360)
+        got_f0, got_p = torchcrepe.postprocess(p.T[None], 50.0, torchcrepe.MAX_FMAX, decode,
+                                               return_periodicity=True)
+        flat = keep.reshape(-1).numpy()
+        f0.reshape(-1)[flat] = got_f0[0].cpu().double().numpy()
+        periodicity.reshape(-1)[flat] = got_p[0].cpu().double().numpy()
     f0 = np.where(periodicity >= threshold, f0, 0.0)
-    times = np.arange(f0.shape[1]) * CREPE_HOP / features.SAMPLE_RATE
+    times = np.arange(n_frames) * CREPE_HOP / features.SAMPLE_RATE
     return PitchTrack(f0, periodicity, times)
 
 

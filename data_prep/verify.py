@@ -4,7 +4,7 @@
     python -m data_prep.verify s3://bucket/dmel --endpoint-url http://127.0.0.1:9000
 
 For every shard: it exists, its size, sha256 and sample count match the manifest, member names are
-sanitised, and every sample decodes (features float32 (T, 80) and finite, labels with a known
+sanitised, sample keys are unique across the whole dataset, and every sample decodes (features float32 (T, 80) and finite, labels with a known
 instrument, FLAC mono 16 kHz of the clip length). Exits 1 naming each bad shard and sample key.
 The checks are tsdsae.data's, the same ones the reader applies.
 """
@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from tsdsae.cli import cli_main
-from tsdsae.data import ShardError, load_manifest, read_shard
+from tsdsae.data import ShardError, check_unique_key, load_manifest, read_shard
 from tsdsae.storage import StorageError, open_store
 
 
@@ -56,12 +56,15 @@ def verify_dataset(uri: str, endpoint_url: str | None = None, decode_audio: bool
     if progress:
         from tqdm import tqdm
         it = tqdm(entries, desc="verifying", unit="shard")
+    seen: dict[str, str] = {}                 # sample key -> shard: unique across the dataset
     for split, entry in it:
         url = store.url(entry["name"])
         report.shards_checked += 1
         try:
             samples = read_shard(url, entry, manifest, endpoint_url, decode_audio=decode_audio)
             report.samples_checked += len(samples)
+            for sample in samples:
+                check_unique_key(sample["key"], url, seen)
         except ShardError as exc:
             if raise_on_failure:
                 raise

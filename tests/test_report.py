@@ -86,3 +86,28 @@ def test_figure_has_an_axes_per_metric_and_z_dim_with_a_box_and_seed_points_per_
         assert "test split" in fig._suptitle.get_text()
     finally:
         plt.close(fig)
+
+
+def test_legend_of_four_models_at_one_z_dim_fits_inside_the_saved_figure(tmp_path):
+    # The quick grid's figure: 4 models, one z_dim; every legend entry lies inside the canvas.
+    rows = pd.concat([fake_rows().query("z_dim == 32 and dataset == 'dmelodies'")
+                      .assign(model=m) for m in ("dsae", "dsae_freeze", "ts_dsae_wo_reg",
+                                                 "ts_dsae")])
+    fig = robustness_figure(rows, "dmelodies", "adam", split="test")
+    try:
+        fig.savefig(tmp_path / "f.png", dpi=100)
+        renderer = fig.canvas.get_renderer()
+        canvas = fig.bbox
+        texts = fig.legends[0].get_texts()
+        assert len(texts) == 4
+        for text in texts:
+            box = text.get_window_extent(renderer)
+            assert canvas.x0 <= box.x0 and box.x1 <= canvas.x1, text.get_text()
+            assert canvas.y0 <= box.y0 and box.y1 <= canvas.y1, text.get_text()
+        for ax in fig.axes:                      # the legend does not cover the x tick labels
+            for label in ax.get_xticklabels():
+                if label.get_visible() and label.get_text():
+                    legend_top = max(t.get_window_extent(renderer).y1 for t in texts)
+                    assert label.get_window_extent(renderer).y0 > legend_top
+    finally:
+        plt.close(fig)

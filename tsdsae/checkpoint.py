@@ -93,17 +93,32 @@ def mismatches(expected: dict, found, prefix: str = "") -> list[str]:
     return sorted(out)
 
 
+def non_finite(weights: dict, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in `weights` (name -> tensor) that hold NaN or inf."""
+    return [f"{prefix}{k}" for k, v in weights.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and not bool(torch.isfinite(v).all())]
+
+
 def restore_model(model, state: dict, uri: str, fix: str = "") -> None:
     """Load the model weights and the informed-prior snapshot of `state` into `model` (a DSAE
     built from the config the weights are meant for).
 
     Raises CheckpointError naming `uri`, the first MAX_LISTED mismatching keys/shapes and `fix`
-    (what to do; default: use a checkpoint of the same configuration) when they do not fit.
+    (what to do; default: use a checkpoint of the same configuration) when they do not fit, and
+    when a weight holds NaN or inf (a diverged run: refused by resume, evaluate, swap, export).
     """
     weights = state.get("model")
     if isinstance(weights, dict) and hasattr(model, "legacy_key_names"):
         weights = model.legacy_key_names(weights)       # earlier key names of the same weights
     problems = mismatches(model.state_dict(), weights)
+    if not problems:
+        bad = non_finite(weights) + non_finite(state.get("snapshot") or {}, "snapshot.")
+        if bad:
+            raise CheckpointError(
+                f"{uri} holds non-finite weights (NaN or inf in {', '.join(bad[:MAX_LISTED])}"
+                f"{' and more' if len(bad) > MAX_LISTED else ''}): the run it comes from "
+                "diverged; use an earlier checkpoint, or train again with a lower optim.lr")
     snapshot = state.get("snapshot")
     if not problems and snapshot is not None:
         model.take_snapshot()                      # the snapshot's own shapes, from this config

@@ -25,6 +25,7 @@ EXIT_INTERRUPTED = 130
 EXPECTED = (
     ("tsdsae.storage", "StorageError"),
     ("tsdsae.checkpoint", "CheckpointError"),
+    ("tsdsae.trainer", "TrainingDiverged"),
     ("tsdsae.data", "ShardError"),
     ("tsdsae.inference", "AudioError"),
     ("data_prep.audio", "BadAudio"),
@@ -51,9 +52,11 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 def message(exc: BaseException) -> str:
     """The one-line text of an expected error (a KeyError's message without its quotes)."""
+    from tsdsae.storage import redact_text      # no credential of a URL reaches the console
+
     if isinstance(exc, KeyError) and exc.args:
-        return str(exc.args[0])
-    return str(exc).strip() or type(exc).__name__
+        return redact_text(str(exc.args[0]))
+    return redact_text(str(exc).strip() or type(exc).__name__)
 
 
 def cli_main(main: Callable[..., Any]) -> Callable[..., Any]:

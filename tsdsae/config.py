@@ -16,6 +16,7 @@ in `__post_init__`; a bad one raises ValueError naming the key and what is allow
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ def _choice(key: str, value, allowed) -> None:
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value!r} must be a finite number")
     ok = value >= 0 if allow_zero else value > 0
     if not ok:
         raise ValueError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
@@ -134,8 +137,9 @@ class ScheduleConfig:
             raise ValueError(
                 f"schedule.switch_epoch={self.switch_epoch} must be smaller than "
                 f"schedule.max_epochs={self.max_epochs}, or stage 2 never starts")
-        if len(self.swap_weights) != 4 or any(w < 0 for w in self.swap_weights):
-            raise ValueError(f"schedule.swap_weights={self.swap_weights!r} must be 4 weights >= 0")
+        if len(self.swap_weights) != 4 or not all(0 <= w < math.inf for w in self.swap_weights):
+            raise ValueError(f"schedule.swap_weights={self.swap_weights!r} must be 4 finite "
+                             "weights >= 0")
 
 
 @dataclass(frozen=True)
@@ -200,8 +204,11 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name={self.name!r} must be a non-empty run name without '/'")
+        if (not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\")
+                or self.name.strip() != self.name):
+            raise ValueError(f"name={self.name!r} must be one folder name (no '/', '\\', "
+                             "'.' or '..', no surrounding spaces): the run's folder is "
+                             "checkpoint.root/NAME")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device={self.device!r}: choose one of auto, cpu, cuda, cuda:N")
 
@@ -252,13 +259,19 @@ PRESETS = {"paper": paper, "debug": debug, "toy": toy}
 # Dotted keys
 
 
-def to_flat(cfg) -> dict[str, typing.Any]:
-    """{"model.z_dim": 32, "optim.lr": 0.001, "seed": 831, ...}: MLflow params and Tune keys."""
+def to_flat(cfg, redact: bool = True) -> dict[str, typing.Any]:
+    """{"model.z_dim": 32, "optim.lr": 0.001, "seed": 831, ...}: MLflow params, checkpoints and
+    Tune keys. With `redact` (the default; everything that is logged or stored) URL values lose
+    their user:password@ and query string (tsdsae.storage.redact_url): a credential in an
+    endpoint or tracking URL stays in the running process."""
     out: dict[str, typing.Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            out.update({f"{f.name}.{k}": v for k, v in to_flat(value).items()})
+            out.update({f"{f.name}.{k}": v for k, v in to_flat(value, redact).items()})
+        elif redact and isinstance(value, str) and "://" in value:
+            from tsdsae.storage import redact_url       # string work only (no boto3)
+            out[f.name] = redact_url(value)
         else:
             out[f.name] = value
     return out
@@ -287,7 +300,10 @@ def _coerce(key: str, raw, typ):
         if typ is float:
             if isinstance(raw, bool):
                 raise TypeError
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(f"{key}={raw!r} must be a finite number")
+            return value
         if typ is str:
             if not isinstance(raw, str):
                 raise TypeError
@@ -299,8 +315,9 @@ def _coerce(key: str, raw, typ):
             if not isinstance(raw, (list, tuple)):
                 raise TypeError
             return tuple(_coerce(key, r, elem) for r in raw)
-    except (TypeError, ValueError):
-        pass
+    except (TypeError, ValueError) as exc:
+        if "finite" in str(exc):
+            raise ValueError(str(exc)) from None
     else:
         raise ValueError(f"{key}: unsupported type {typ}")
     name = getattr(typ, "__name__", str(typ))

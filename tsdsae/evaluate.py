@@ -236,6 +236,27 @@ def evaluate_run(model: DSAE, data: Dataset, cfg: EvalConfig,
     return scores
 
 
+def data_location_from_checkpoint(stored: str, checkpoint_uri: str, confirmed: bool) -> str:
+    """The dataset a checkpoint names, when it may be used without --data: 'toy', an existing
+    local folder, or an s3:// URI the user confirmed. Raises UsageError saying what to pass."""
+    from pathlib import Path
+
+    from tsdsae.cli import UsageError
+
+    if stored == "toy":
+        return stored
+    if stored.startswith("s3://"):
+        if confirmed:
+            return stored
+        raise UsageError(f"{checkpoint_uri} names its dataset {stored}; a checkpoint does not "
+                         f"decide where data is read from: pass --data {stored} (with "
+                         "--endpoint-url if it is not AWS) or --data-from-checkpoint")
+    if "://" in stored or not Path(stored).is_dir():
+        raise UsageError(f"{checkpoint_uri} was trained on {stored!r}, which is not a folder "
+                         "here; pass --data with the dataset's location")
+    return stored
+
+
 @cli_main
 def main(argv=None) -> int:
     from tsdsae import checkpoint
@@ -246,7 +267,16 @@ def main(argv=None) -> int:
         prog="python -m tsdsae.evaluate",
         description="LDA macro-F1 of a checkpoint before and after global/local swaps (JSON).")
     p.add_argument("checkpoint", help="checkpoint path or s3:// URI (e.g. runs/NAME/best.pt)")
-    p.add_argument("--data", default=None, help="dataset URI (default: the checkpoint's own)")
+    p.add_argument("--data", default=None,
+                   help="dataset URI (default: the checkpoint's own when it is a local folder "
+                        "or 'toy'; an s3:// location stored in a checkpoint is only read when "
+                        "passed here or with --data-from-checkpoint)")
+    p.add_argument("--data-from-checkpoint", action="store_true",
+                   help="read the s3:// dataset the checkpoint names (with your credentials "
+                        "and --endpoint-url / AWS_ENDPOINT_URL, never an endpoint it stores)")
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3-compatible endpoint for s3:// checkpoints and datasets "
+                        "(default: AWS_ENDPOINT_URL)")
     p.add_argument("--split", default=None,
                    help="evaluation split (default: the run's eval.split, normally test)")
     p.add_argument("--seed", type=int, default=0, help="seed of the different-instrument pairing")
@@ -258,10 +288,14 @@ def main(argv=None) -> int:
     p.add_argument("--pitch-clips", type=int, default=None,
                    help="score pitch on the first N evaluation clips only (default: all)")
     args = p.parse_args(argv)
-    state = checkpoint.load(args.checkpoint)
+    state = checkpoint.load(args.checkpoint, endpoint_url=args.endpoint_url)
     cfg = from_flat(state["config"])
-    if args.data:
-        cfg = from_flat({"data.uri": args.data}, cfg)
+    # Locations in a checkpoint are information, not instructions: the endpoint (and so where
+    # signed requests go) is always the user's, and an s3:// dataset it names is read only when
+    # the user passes it (or confirms with --data-from-checkpoint).
+    data_uri = args.data or data_location_from_checkpoint(cfg.data.uri, args.checkpoint,
+                                                          args.data_from_checkpoint)
+    cfg = from_flat({"data.uri": data_uri, "data.endpoint_url": args.endpoint_url or ""}, cfg)
     model = DSAE(cfg.model)
     checkpoint.restore_model(model, state, args.checkpoint)
     device = resolve_device(args.device)

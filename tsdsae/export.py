@@ -38,6 +38,7 @@ from torch import nn
 
 from tsdsae import features
 from tsdsae.cli import cli_main
+from tsdsae.storage import redact_url
 from tsdsae.model.dsae import DSAE
 
 PROGRAMS = ("log_mel", "v_mean", "z_mean", "decode")
@@ -148,7 +149,7 @@ def export_model(model: DSAE, out_dir: str | Path,
     }
     manifest = {"format": 1, "programs": {}, "feature_params": features.FEATURE_PARAMS,
                 "example_frames": t, "v_dim": cfg.v_dim, "z_dim": cfg.z_dim,
-                "config": config or {}}
+                "config": {k: redact_url(v) for k, v in (config or {}).items()}}
     from tqdm.auto import tqdm
 
     for name in tqdm(specs, desc="exporting", unit="program", disable=not progress):

@@ -50,7 +50,7 @@ from tsdsae.config import PRESETS, RunConfig, apply_overrides
 from tsdsae.packed_train import PackedTrainer
 from tsdsae.storage import absolute_location, open_store, resolve_endpoint
 from tsdsae.train_step import keep_freed_memory
-from tsdsae.trainer import Trainer, load_data
+from tsdsae.trainer import Trainer, TrainingDiverged, check_finite, load_data
 
 STATE_FILE = "state.pt"
 logger = logging.getLogger(__name__)
@@ -352,6 +352,11 @@ def train_loop_per_worker(config: dict) -> None:
     tracker.log_metrics({"start_epoch": remaining.start}, step=remaining.start)
     for epoch in remaining:
         record = trainer.run_epoch(epoch)
+        try:          # every rank holds the same summed terms, so all ranks stop together
+            check_finite(record, cfg.name, None)
+        except TrainingDiverged as exc:
+            ray.train.report({"epoch": epoch, "diverged": str(exc).split("; ")[0]})
+            return
         for callback in epoch_callbacks:
             callback(record, rank)
         tracker.log_epoch(record)
@@ -520,6 +525,19 @@ def resolve_locations(cfg: RunConfig) -> RunConfig:
     return apply_overrides(cfg, updates) if updates else cfg
 
 
+def _check_marker(marker, root: str, where: str) -> None:
+    """A stage marker's checkpoint must lie under the run's checkpoint root (its own folder, or
+    a sweep's shared stage 1 beside it): what a stored file says is information about these
+    runs, never a pointer to somewhere else. Raises CheckpointError naming the marker."""
+    path = marker.get("checkpoint") if isinstance(marker, dict) else None
+    inside = ray_path(root).rstrip("/") + "/"
+    if (not isinstance(path, str) or not ray_path(path).startswith(inside)
+            or "/../" in f"/{ray_path(path)}/" or not isinstance(marker.get("metrics"), dict)):
+        raise checkpoint.CheckpointError(
+            f"{where} does not name a checkpoint under {root} ({path!r}); delete the marker to "
+            "train that stage again")
+
+
 def _stage_checkpoint(marker: dict, filesystem):
     import ray.train
     return ray.train.Checkpoint(marker["checkpoint"], filesystem=filesystem)
@@ -567,11 +585,19 @@ def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None,
             else:
                 result = run_stage(cfg, options, stage, previous, tracker, callbacks,
                                    epoch_callbacks)
+                if "diverged" in (result.metrics or {}):
+                    kept = (result.checkpoint or previous)
+                    raise TrainingDiverged(
+                        f"{result.metrics['diverged']}; "
+                        + (f"the last good checkpoint {kept.path} is kept" if kept else
+                           "no checkpoint was written before it")
+                        + "; lower optim.lr or check the data for extreme values")
                 marker = {"stage": stage, "checkpoint": result.checkpoint.path,
                           "metrics": _jsonable(result.metrics)}
                 store.write_bytes(name, json.dumps(marker, indent=1).encode())
                 logger.info("%s: stage %d finished at epoch %s%s", cfg.name, stage,
                             marker["metrics"].get("epoch"), _best_text(marker["metrics"]))
+            _check_marker(marker, cfg.checkpoint.root, f"{location}/{name}")
             previous, metrics = _stage_checkpoint(marker, filesystem), marker["metrics"]
         summary = {
             "run_dir": location, "best_checkpoint": f"{location}/best.pt",

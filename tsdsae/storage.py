@@ -117,8 +117,35 @@ def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
             or os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
+def redact_url(value: str) -> str:
+    """`value` as it may be logged, stored or printed: a URL's user:password@ and its query
+    string and fragment removed ("http://u:p@host:9000/?X-Amz-Signature=s" ->
+    "http://host:9000/"); anything that is not a URL with a host comes back unchanged. The full
+    URL is only ever used for the connection itself."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    try:
+        parts = urlsplit(value)
+    except ValueError:                         # unparseable (e.g. a bad port): keep the scheme
+        return value.split("://", 1)[0] + "://<redacted>"
+    netloc = parts.netloc.rpartition("@")[2]
+    if netloc == parts.netloc and not parts.query and not parts.fragment:
+        return value
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
+
+
+def redact_text(text: str) -> str:
+    """`text` with the user:password@ of every URL in it removed (messages, printed summaries)."""
+    return _USERINFO.sub(r"\1", text)
+
+
 def _describe_endpoint(endpoint_url: str | None) -> str:
-    return f"endpoint {endpoint_url}" if endpoint_url else "the default AWS endpoint"
+    return f"endpoint {redact_url(endpoint_url)}" if endpoint_url else "the default AWS endpoint"
 
 
 def _check_rel(rel: str) -> str:

@@ -121,7 +121,8 @@ class MlflowTracker(Tracker):
         self._last_epoch: int | None = None      # read from the run on the first log_epoch
 
     def __repr__(self) -> str:
-        return f"MlflowTracker(run_id={self.run_id!r}, uri={self.uri!r})"
+        from tsdsae.storage import redact_url
+        return f"MlflowTracker(run_id={self.run_id!r}, uri={redact_url(self.uri)!r})"
 
     # -- logging ----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import logging
 import sys
 
 from tsdsae.cli import UsageError, cli_main
+from tsdsae.storage import redact_text
 from tsdsae.config import PRESETS, VARIANTS, apply_overrides
 
 
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
                                 max_failures=args.max_failures, evaluate=not args.no_eval)
         split_config(options)                            # bad values: exit 2 before Ray starts
     require_splits(cfg)
+    check_run_folder(cfg, resume=not args.no_resume)
     if not args.no_eval:
         from tsdsae.evaluate import check_eval_split
         check_eval_split(cfg)                           # no eval.split in the dataset: exit 2 now
@@ -90,10 +92,55 @@ def main(argv=None) -> int:
         else:
             summary = _train_here(cfg, args)
     except TrainingFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 1
-    print(json.dumps(summary))
+    print(redact_text(json.dumps(summary)))
     return 0
+
+
+# Keys a rerun may change without becoming another run: where and what it logs, what the end
+# evaluation scores, the device and how often it checkpoints.
+RERUN_MAY_CHANGE = ("tracking.", "eval.", "device", "checkpoint.every", "data.endpoint_url")
+
+
+def check_run_folder(cfg, resume: bool = True) -> None:
+    """Before anything trains or is logged: the run's folder (checkpoint.root/NAME) must be
+    writable (a probe file is written and deleted), and a run already stored there under this
+    name must have this configuration (unless `resume` is off: then it is replaced). Raises
+    StorageError or UsageError naming the folder and, for another configuration, the keys that
+    differ (RERUN_MAY_CHANGE excepted)."""
+    from tsdsae import checkpoint
+    from tsdsae.config import from_flat, to_flat
+    from tsdsae.storage import open_store
+
+    location = f"{cfg.checkpoint.root.rstrip('/')}/{cfg.name}"
+    store = open_store(location, cfg.data.endpoint_url or None).check(create=True)
+    try:
+        store.write_bytes(".write-check", b"")
+        store.delete(".write-check")
+    except OSError as exc:
+        raise UsageError(f"cannot write the run folder {store.uri} ({exc.strerror or exc}); "
+                         "choose another checkpoint.root") from None
+    if not resume:
+        return
+    stored = next((name for name in ("last.pt", "best.pt") if store.exists(name)), None)
+    if stored is None:
+        return
+    previous = checkpoint.load(f"{location}/{stored}", "cpu", cfg.data.endpoint_url or None)
+    try:        # through from_flat: earlier key names and keys added since read as today's
+        before = to_flat(from_flat(previous.get("config") or {}))
+    except (ValueError, TypeError, AttributeError):
+        before = {}
+    now = to_flat(cfg)
+    differ = sorted(k for k in set(before) | set(now)
+                    if before.get(k) != now.get(k) and not k.startswith(RERUN_MAY_CHANGE))
+    if differ:
+        shown = "; ".join(f"{k}: {before.get(k, 'absent')!r} there, {now.get(k, 'absent')!r} "
+                          "here" for k in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise UsageError(f"run {cfg.name!r} in {store.uri} was trained with another "
+                         f"configuration ({shown}{more}); use another --name for a new run, "
+                         "or --no-resume to replace it")
 
 
 class TrainingFailed(Exception):
@@ -195,7 +242,8 @@ def _train_on_ray(cfg, options: dict, args) -> dict:
                              f"{str(exc).strip().splitlines()[-1]}); checkpoints are in "
                              f"{location}: rerun the same command to resume") from None
     print(f"results: checkpoints in {summary['run_dir']} (best: {summary['best_checkpoint']})"
-          + (f"; MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']}"
+          + (f"; MLflow run {summary['mlflow_run_id']} at "
+             f"{redact_text(summary['tracking_uri'])}"
              if summary.get("mlflow_run_id") else ""))
     return summary
 

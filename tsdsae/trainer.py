@@ -95,6 +95,25 @@ class PriorCache:
         return self.prior.rows(index)
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss term became NaN or inf: the message names the run, the epoch, the term and the
+    last checkpoint that was written before it (which is kept)."""
+
+
+def check_finite(record: dict, run: str, last_good: str | None) -> None:
+    """Raise TrainingDiverged when any train_*/val_* loss term of an epoch's `record` is not
+    finite; `last_good` is the newest checkpoint written before that epoch (None: none)."""
+    bad = sorted(k for k, v in record.items() if k.startswith(("train_", "val_"))
+                 and isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        kept = (f"the last good checkpoint {last_good} is kept" if last_good
+                else "no checkpoint was written before it")
+        raise TrainingDiverged(
+            f"{run}: training diverged at epoch {record['epoch']} ({bad[0]} = "
+            f"{record[bad[0]]}{', and ' + ', '.join(bad[1:3]) if len(bad) > 1 else ''}); "
+            f"{kept}; lower optim.lr or check the data for extreme values")
+
+
 class Trainer:
     """Trains one run. `callbacks` get each epoch's record dict (tracking plugs in here).
 
@@ -129,6 +148,7 @@ class Trainer:
         self.progress = progress
         self.prior_cache: dict[str, PriorCache] = {}
         self.run_dir = f"{cfg.checkpoint.root.rstrip('/')}/{cfg.name}"
+        self.last_written: str | None = None               # last.pt once this run wrote one
         self.endpoint = cfg.data.endpoint_url or None
 
     # -- state ----------------------------------------------------------------------------------
@@ -177,12 +197,16 @@ class Trainer:
         checkpoint.CheckpointError when it does not fit this run's configuration."""
         if not checkpoint.exists(self.last_uri, self.endpoint):
             return False
+        self.last_written = self.last_uri
         self.load_state_dict(checkpoint.load(self.last_uri, self.device, self.endpoint),
                              self.last_uri, RESUME_FIX)
         return True
 
     def save(self, uri: str) -> str:
-        return checkpoint.save(self.state_dict(), uri, self.endpoint)
+        out = checkpoint.save(self.state_dict(), uri, self.endpoint)
+        if uri == self.last_uri:
+            self.last_written = uri
+        return out
 
     # -- the stage switch -----------------------------------------------------------------------
 
@@ -294,6 +318,7 @@ class Trainer:
         try:
             while self.epoch < s.max_epochs and not stopped_early:
                 record = self.run_epoch(self.epoch)
+                check_finite(record, self.cfg.name, self.last_written)
                 if record["improved"]:
                     self.save(self.best_uri)
                 stopped_early = self.should_stop()

@@ -126,12 +126,18 @@ def robustness_figure(rows: pd.DataFrame, dataset: str, optimiser: str, split: s
             ax.set_gid(f"{metric}|{z}")
     handles = [plt.Line2D([], [], marker="s", linestyle="", markersize=10,
                           color=COLOURS.get(m, "#7f7f7f"), alpha=0.7) for m in models]
-    fig.legend(handles, [MODEL_LABEL.get(m, m) for m in models], loc="lower center",
-               ncol=len(models), frameon=False, fontsize=9)
+    labels = [MODEL_LABEL.get(m, m) for m in models]
+    # As many legend columns as fit the figure's width (about 0.075 in per character at
+    # fontsize 9 plus the marker), so no entry is cut off at the right; more rows otherwise.
+    entry = 0.45 + 0.075 * max(len(label) for label in labels)
+    ncol = max(1, min(len(models), int(fig.get_figwidth() // entry)))
+    legend_rows = -(-len(models) // ncol)
+    fig.set_figheight(fig.get_figheight() + 0.25 * (legend_rows - 1))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
     n_seeds = int(sub.groupby(["model", "z_dim"]).size().max())
     fig.suptitle(f"{dataset} / {optimiser}: " + (f"{split} split, " if split else "")
                  + f"{n_seeds} seed{'s' if n_seeds != 1 else ''} per box", fontsize=11)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, (0.3 + 0.25 * legend_rows) / fig.get_figheight(), 1, 1))
     return fig
 
 

@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ if str(ROOT) not in sys.path:          # run as a script from a checkout or a jo
 from tsdsae import tracking  # noqa: E402
 from tsdsae.cli import UsageError, cli_main  # noqa: E402
 from tsdsae.config import PRESETS, apply_overrides  # noqa: E402
-from tsdsae.storage import absolute_location, open_store  # noqa: E402
+from tsdsae.storage import absolute_location, open_store, redact_url  # noqa: E402
 from tune.grid import (SHARED_STAGE_1, VARIANT_KEY, group_key, load_grid,  # noqa: E402
                        narrow, parse_only, trial_groups, validate)
 
@@ -567,7 +568,8 @@ def run_sweep(args) -> dict:
     bundles = _bundles(groups, grid.preset, pack)
     packing = f", packs of up to {pack} runs" if pack > 1 else ""
     print(f"sweep {name}: grid {grid.name} ({n_points} runs in {len(bundles)} trial{'s' * (len(bundles) != 1)}{packing}), "
-          f"datasets {datasets}, storage {storage.uri}, MLflow {tracking_uri}", flush=True)
+          f"datasets {datasets}, storage {storage.uri}, MLflow {redact_url(tracking_uri)}",
+          flush=True)
 
     experiment_id = tracking.describe_experiment(tracking_uri, args.experiment, EXPERIMENT_NOTE)
     parent = tracking.open_run(tracking_uri, args.experiment, f"sweep:{storage.uri}",
@@ -610,6 +612,9 @@ def run_sweep(args) -> dict:
                                           storage_filesystem=filesystem,
                                           verbose=0,   # progress: ProgressPrinter lines
                                           failure_config=tune.FailureConfig(max_failures=1)))
+        # Tune's new output engine prints an experiment box and a TensorBoard hint even at
+        # verbose=0; the legacy engine at verbose 0 prints nothing (progress: ProgressPrinter).
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         with ProgressPrinter(tracking_uri, parent.run_id, every=args.progress_every):
             results = tuner.fit()
     except BaseException as exc:
@@ -651,7 +656,7 @@ def run_sweep(args) -> dict:
 def final_screen(out: dict, seconds: float) -> str:
     """The last screen of a sweep: what it shows in words, the files to open, the MLflow UI."""
     paths, results = out["report"], Path(out["results"])
-    ui = out["tracking_uri"]
+    ui = redact_url(out["tracking_uri"])
     lines = ["", Path(paths["summary_md"]).read_text(), "",
              f"== sweep finished in {seconds / 60:.1f} min: {out['runs']} runs, "
              f"{out['errors']} failed trials ==",

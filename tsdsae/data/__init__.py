@@ -10,7 +10,7 @@ features); there is no streaming reader. Importing this package changes no globa
 """
 from tsdsae.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, dataset_root, is_dataset_uri,
                                   load_manifest, shard_urls, split_names)
-from tsdsae.data.memory import iter_split_samples, load_dataset, samples_to_split
+from tsdsae.data.memory import check_unique_key, iter_split_samples, load_dataset, samples_to_split
 from tsdsae.data.shards import (AUDIO_EXT, FEATURE_EXT, KEY_RE, LABEL_EXT, MEMBER_RE, SAMPLE_EXTS,
                                 ShardError, check_sample, check_shard_entry, decode_flac,
                                 decode_json, decode_npy, frame_notes, iter_shard_samples,
@@ -19,7 +19,8 @@ from tsdsae.dataset import MissingSplitError
 
 __all__ = [
     "MANIFEST_NAME", "SCHEMA_VERSION", "dataset_root", "is_dataset_uri", "load_manifest",
-    "shard_urls", "split_names", "iter_split_samples", "load_dataset", "samples_to_split",
+    "shard_urls", "split_names", "check_unique_key", "iter_split_samples", "load_dataset",
+    "samples_to_split",
     "AUDIO_EXT", "FEATURE_EXT", "KEY_RE", "LABEL_EXT", "MEMBER_RE", "SAMPLE_EXTS", "ShardError",
     "check_sample", "check_shard_entry", "decode_flac", "decode_json", "decode_npy",
     "frame_notes", "iter_shard_samples", "iter_tar_members", "read_shard", "read_shard_bytes",

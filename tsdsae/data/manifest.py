@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -65,6 +66,9 @@ def load_manifest(uri: str | os.PathLike, endpoint_url: str | None = None) -> di
     except ValueError as exc:
         raise StorageError(f"{store.url(MANIFEST_NAME)} is not valid JSON ({exc}); re-run the "
                            "preparation") from None
+    if not isinstance(manifest, dict):
+        raise StorageError(f"{store.url(MANIFEST_NAME)} is not a JSON object; re-run the "
+                           "preparation")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise StorageError(f"{store.url(MANIFEST_NAME)} has schema_version {version!r}; this "
@@ -72,7 +76,57 @@ def load_manifest(uri: str | os.PathLike, endpoint_url: str | None = None) -> di
     if manifest.get("feature_params") != features.FEATURE_PARAMS:
         raise StorageError(f"{store.url(MANIFEST_NAME)} was made with other feature parameters "
                            "than tsdsae.features.FEATURE_PARAMS; re-run the preparation")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise StorageError(f"{store.url(MANIFEST_NAME)}: {problem}; re-run the preparation "
+                           "(or restore the file)")
     return manifest
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}\.tar$")
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """The first way `manifest` breaks the schema the readers rely on, as "field X must be ..."
+    (None when it fits): instruments a non-empty list of distinct strings; num_frames and
+    clip_samples positive integers; splits an object of split name -> {num_samples, shards:
+    [{name (a .tar file name, no path), num_samples, size, sha256 (64 hex digits)}]}."""
+    instruments = manifest.get("instruments")
+    if (not isinstance(instruments, list) or not instruments
+            or not all(isinstance(i, str) and i for i in instruments)
+            or len(set(instruments)) != len(instruments)):
+        return "field 'instruments' must be a non-empty list of distinct names"
+    for field in ("num_frames", "clip_samples"):
+        if not _count(manifest.get(field)) or manifest[field] == 0:
+            return f"field {field!r} must be a positive integer"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return "field 'splits' must be an object of split name -> split"
+    for name, info in splits.items():
+        where = f"splits.{name}"
+        if not isinstance(info, dict):
+            return f"field {where!r} must be an object"
+        if not _count(info.get("num_samples")):
+            return f"field '{where}.num_samples' must be an integer >= 0"
+        if not isinstance(info.get("shards"), list):
+            return f"field '{where}.shards' must be a list"
+        for k, entry in enumerate(info["shards"]):
+            at = f"{where}.shards[{k}]"
+            if not isinstance(entry, dict):
+                return f"field {at!r} must be an object"
+            if not isinstance(entry.get("name"), str) or not _SHARD_NAME.match(entry["name"]):
+                return f"field '{at}.name' must be a shard file name (NAME.tar, no path)"
+            for field in ("num_samples", "size"):
+                if not _count(entry.get(field)):
+                    return f"field '{at}.{field}' must be an integer >= 0"
+            if not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+                return f"field '{at}.sha256' must be 64 lowercase hex digits"
+    return None
 
 
 SPLIT_ORDER = ("train", "val", "test")

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import torch
 
 from tsdsae.data.manifest import dataset_root, load_manifest, shard_urls, split_names
-from tsdsae.data.shards import read_shard
+from tsdsae.data.shards import ShardError, read_shard
 from tsdsae.dataset import Dataset, Split, pad_stack
 
 
@@ -42,6 +42,16 @@ def samples_to_split(samples: list[dict], instruments: tuple[str, ...],
     audio_t = pad_stack(audio)[0] if with_audio and audio else None
     return Split(features_t, mask, instrument, notes_t, [s["key"] for s in samples], instruments,
                  audio_t)
+
+
+def check_unique_key(key: str, shard: str, seen: dict[str, str]) -> None:
+    """Record that `shard` holds sample `key`; raise ShardError when an earlier shard of the
+    dataset (`seen`: key -> shard) holds it too (in two splits it is a leak between them)."""
+    if key in seen:
+        raise ShardError(shard, f"sample key {key!r} is also in {seen[key]} (keys must be unique "
+                         "across the whole dataset, or one clip counts twice or leaks between "
+                         "splits)", key)
+    seen[key] = shard
 
 
 def load_dataset(uri: str | os.PathLike, splits: Iterable[str] | None = None,
@@ -73,7 +83,10 @@ def load_dataset(uri: str | os.PathLike, splits: Iterable[str] | None = None,
             from tqdm import tqdm
             results = tqdm(results, total=len(jobs), desc=f"loading {uri}", unit="shard")
         per_split: dict[str, list[dict]] = {name: [] for name in names}
-        for (split, _, _), samples in zip(jobs, results):
+        seen: dict[str, str] = {}                      # sample key -> the shard that holds it
+        for (split, url, _), samples in zip(jobs, results):
+            for sample in samples:
+                check_unique_key(sample["key"], url, seen)
             per_split[split].extend(samples)
     out = {name: samples_to_split(samples, instruments, with_audio)
            for name, samples in per_split.items()}

@@ -39,6 +39,8 @@ SAMPLE_EXTS = (AUDIO_EXT, LABEL_EXT, FEATURE_EXT)      # the order members are w
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,120}$")
 MEMBER_RE = re.compile(r"^([A-Za-z0-9_-]{1,120})\.(npy|json|flac)$")
 _BLOCK = tarfile.BLOCKSIZE
+HEAD_BYTES = 4                # of a member that is not decoded: its format signature
+FLAC_SIGNATURE = b"fLaC"
 
 
 class ShardError(RuntimeError):
@@ -146,6 +148,8 @@ def check_sample(raw: dict, manifest: dict, shard: str, decode_audio: bool = Fal
     except (TypeError, ValueError, OverflowError):
         raise ShardError(shard, f"{key}.json notes must be [[pitch, onset_s, duration_s], ...]",
                          key) from None
+    if not raw[AUDIO_EXT].startswith(FLAC_SIGNATURE):
+        raise ShardError(shard, f"{key}.flac is not FLAC (it does not start with 'fLaC')", key)
     audio = None
     if decode_audio:
         try:
@@ -167,8 +171,8 @@ def iter_tar_members(data: bytes, shard: str,
                      keep: Iterable[str] = SAMPLE_EXTS) -> Iterator[tuple[str, bytes]]:
     """(name, content) of each member of the tar archive `data`, in order, read with tarfile.
 
-    Only regular files with a sample member name (MEMBER_RE) are accepted; the content of
-    members whose extension is not in `keep` is not read (b""). Raises ShardError for an
+    Only regular files with a sample member name (MEMBER_RE) are accepted; of members whose
+    extension is not in `keep` only the first HEAD_BYTES are read (enough to see the format). Raises ShardError for an
     unreadable archive, any other member, a member running past the end, and a missing
     end-of-archive block (tarfile itself ends quietly at a truncated or damaged header).
     """
@@ -190,7 +194,8 @@ def iter_tar_members(data: bytes, shard: str,
                     raise ShardError(shard, f"truncated: member {name!r} needs {member.size} "
                                      f"bytes, the shard ends "
                                      f"{len(data) - member.offset_data} bytes into it")
-                content = tar.extractfile(member).read() if match.group(2) in keep else b""
+                stream = tar.extractfile(member)
+                content = stream.read() if match.group(2) in keep else stream.read(HEAD_BYTES)
                 yield name, content
         except tarfile.TarError as exc:
             raise ShardError(shard, f"truncated or corrupt tar ({exc})") from None
@@ -220,7 +225,8 @@ def iter_shard_samples(data: bytes, entry: dict | None, shard: str,
     Checks the tar and member names (iter_tar_members), complete samples and no duplicates as
     it goes; with a manifest `entry`, after the last sample (so that a decoding error in between
     names its key), the sample count, size and sha256. With entry None only the structure is
-    checked. Members whose extension is not in `keep` have the value b"". Raises ShardError.
+    checked. Members whose extension is not in `keep` hold their first HEAD_BYTES only. Raises
+    ShardError.
     """
     count, current = 0, None
     for name, content in iter_tar_members(data, shard, keep):
@@ -252,14 +258,27 @@ def _check_complete(sample: dict, shard: str) -> None:
                          sample["__key__"])
 
 
-def read_shard_bytes(url: str, endpoint_url: str | None = None) -> bytes:
-    """The whole shard at `url` (a local path or s3:// URL) through tsdsae.storage.
-    Raises ShardError when it is missing, StorageError for other storage problems."""
+def read_shard_bytes(url: str, endpoint_url: str | None = None,
+                     expected_size: int | None = None) -> bytes:
+    """The whole shard at `url` (a local path or s3:// URL) through tsdsae.storage. With
+    `expected_size` (the manifest's byte size) at most that many bytes plus one are read, so a
+    shard longer than its manifest says is refused before it is held in memory.
+    Raises ShardError when it is missing or too long, StorageError for other storage problems."""
     parent, _, name = url.rpartition("/")
+    store = open_store(parent or ".", endpoint_url)
     try:
-        return open_store(parent or ".", endpoint_url).read_bytes(name)
+        if expected_size is None:
+            return store.read_bytes(name)
+        stream = store.open_read(name)
     except ObjectNotFound:
         raise ShardError(url, "the shard is missing") from None
+    try:
+        data = stream.read(expected_size + 1)
+    finally:
+        stream.close()
+    if len(data) > expected_size:
+        raise ShardError(url, f"too long: more than the {expected_size} bytes the manifest says")
+    return data
 
 
 def read_shard(url: str, entry: dict, manifest: dict, endpoint_url: str | None = None,
@@ -267,6 +286,6 @@ def read_shard(url: str, entry: dict, manifest: dict, endpoint_url: str | None =
     """All samples of one shard, checked against the manifest entry and decoded (check_sample's
     form, in shard order). Raises ShardError naming the shard and key."""
     keep = SAMPLE_EXTS if decode_audio else (LABEL_EXT, FEATURE_EXT)
-    data = read_shard_bytes(url, endpoint_url)
+    data = read_shard_bytes(url, endpoint_url, int(entry["size"]))
     return [check_sample(raw, manifest, url, decode_audio)
             for raw in iter_shard_samples(data, entry, url, keep)]

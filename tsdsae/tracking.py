@@ -44,14 +44,34 @@ EVAL_SPLIT_TAG = "tsdsae.eval_split"       # the split the eval_* metrics score
 
 def resolve_tracking_uri(uri: str = "") -> str:
     """`uri`, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; relative sqlite paths made
-    absolute (from the working directory of the process that resolves it)."""
+    absolute (from the working directory of the process that resolves it). A user:password@ in
+    an http(s) URI moves to MLflow's basic-auth environment variables (see _move_credentials);
+    the URI returned has none."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    uri = _move_credentials(uri)
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         path = uri[len(prefix):]
         if path and path != ":memory:":
             uri = prefix + str(Path(path).absolute())
     return uri
+
+
+def _move_credentials(uri: str) -> str:
+    """A tracking URI with user:password@ -> the URI without them; the credentials go to
+    MLflow's own basic-auth variables (MLFLOW_TRACKING_USERNAME / _PASSWORD) of this process,
+    so they reach the server but never a log line, a param or a printed link."""
+    from urllib.parse import unquote, urlsplit
+
+    from tsdsae.storage import redact_url
+
+    if "://" not in uri or "@" not in urlsplit(uri).netloc:
+        return uri
+    user, _, password = urlsplit(uri).netloc.rpartition("@")[0].partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return redact_url(uri)
 
 
 def run_key(location: str) -> str:

@@ -72,7 +72,8 @@ def config_from_args(args):
 
 @cli_main
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    # Overrides may stand anywhere on the line (before, between or after the options).
+    args = build_parser().parse_intermixed_args(argv)
     cfg = config_from_args(args)
     options = None
     if args.num_workers is not None:
@@ -99,8 +100,8 @@ def main(argv=None) -> int:
 
 
 # Keys a rerun may change without becoming another run: where and what it logs, what the end
-# evaluation scores, the device and how often it checkpoints.
-RERUN_MAY_CHANGE = ("tracking.", "eval.", "device", "checkpoint.every", "data.endpoint_url")
+# evaluation scores, the device, where and how often it checkpoints (a moved run folder).
+RERUN_MAY_CHANGE = ("tracking.", "eval.", "device", "checkpoint.", "data.endpoint_url")
 
 
 def check_run_folder(cfg, resume: bool = True) -> None:

@@ -83,10 +83,10 @@ def main(argv=None) -> int:
                                 max_failures=args.max_failures, evaluate=not args.no_eval)
         split_config(options)                            # bad values: exit 2 before Ray starts
     require_splits(cfg)
-    check_run_folder(cfg, resume=not args.no_resume)
     if not args.no_eval:
         from tsdsae.evaluate import check_eval_split
         check_eval_split(cfg)                           # no eval.split in the dataset: exit 2 now
+    check_run_folder(cfg, resume=not args.no_resume)
     try:
         if options is not None:
             summary = _train_on_ray(cfg, options, args)
@@ -224,7 +224,8 @@ def _train_on_ray(cfg, options: dict, args) -> dict:
     if args.no_resume and store.list():
         raise UsageError(f"{location} already holds a run; --no-resume with Ray needs a new "
                          "--name (or delete that run)")
-    if not ray.is_initialized() and not store.exists("result.json"):   # finished: no Ray needed
+    started_ray = not ray.is_initialized() and not store.exists("result.json")
+    if started_ray:                                            # finished: no Ray needed
         # The console shows this run's lines; what Ray's processes print stays in Ray's log
         # files unless --ray-logs.
         ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=args.ray_logs,
@@ -242,6 +243,9 @@ def _train_on_ray(cfg, options: dict, args) -> dict:
         raise TrainingFailed(f"training failed after its retries ({type(exc).__name__}: "
                              f"{str(exc).strip().splitlines()[-1]}); checkpoints are in "
                              f"{location}: rerun the same command to resume") from None
+    finally:
+        if started_ray:          # the local Ray this command started ends with it (no orphans)
+            ray.shutdown()
     print(f"results: checkpoints in {summary['run_dir']} (best: {summary['best_checkpoint']})"
           + (f"; MLflow run {summary['mlflow_run_id']} at "
              f"{redact_text(summary['tracking_uri'])}"

@@ -288,7 +288,8 @@ def _finish_run(sweep: dict, group: dict, variant: str, marker: dict | None,
 
 def trial_fn(config: dict) -> None:
     """One Tune trial: every model variant of the trial groups of one bundle (one group unless
-    runs are packed), each trained and evaluated as a full Ray Train run (_finish_run). With
+    runs are packed), each trained and evaluated as a full Ray Train run (_finish_run), the
+    runs side by side as Ray tasks (their Train jobs take CPUs as they become free). With
     sweep["pack"] > 1 the bundle's runs first train in packs (_train_bundle), then are evaluated
     side by side as Ray tasks (a CPU share of a worker each), since a bundle holds many runs."""
     import ray
@@ -304,12 +305,16 @@ def trial_fn(config: dict) -> None:
         label = f"{group['key']}/" if len(bundle["groups"]) > 1 else ""
         marker = _shared_stage_1(sweep, group, options) if _is_shared(group) else None
         points += [(label, group, variant, marker) for variant in group["variants"]]
-    if packed and len(points) > 1:
+    if len(points) > 1:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        # outside the trial's placement group (its 0.01 CPU), like the trial's Ray Train jobs
+        # Side by side, outside the trial's placement group (its 0.01 CPU), like the trial's Ray
+        # Train jobs. After packs a task only evaluates (a worker's CPU share); otherwise each
+        # task drives its run's Train jobs (which hold the workers' CPUs, queued by Ray until
+        # CPUs are free) and then evaluates: every stage 2 of a shared stage 1 starts as soon
+        # as CPUs allow instead of after the previous run's evaluation.
         task = ray.remote(_finish_run).options(
-            num_cpus=options["cpus_per_worker"],
+            num_cpus=options["cpus_per_worker"] if packed else 0.01,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
         summaries = ray.get([task.remote(sweep, group, variant, marker, options)
                              for _, group, variant, marker in points])

@@ -59,3 +59,16 @@ def test_packed_rate_prints_a_row_per_pack_size_and_feeds_grid_cost(tmp_path):
                for r, p in zip(stage2, plain2))
     stage1 = [r for r in rows if r["job"] in ("dsae", "ts_dsae/stage1")]
     assert all(r["packing_speedup"] == 1.0 for r in stage1)
+
+
+def test_eval_rate_times_each_part_of_a_fresh_toy_runs_evaluation():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_rate.py"),
+                          "--pitch-clips", "2", "--threads", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    parts = [r["part"] for r in rows]
+    assert parts == ["lda_test", "lda_val", "pitch_tiny", "reconstruction_png",
+                     "trial_artifacts", "total"]
+    total = rows[-1]
+    assert total["seconds"] == pytest.approx(sum(r["seconds"] for r in rows[:-1]), abs=0.05)
+    assert total["pitch_clips"] == 2 and 0 <= total["gswap"] <= 1

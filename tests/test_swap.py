@@ -38,6 +38,7 @@ def test_swap_cli_writes_wavs_and_a_grid_from_files(checkpoint_path, wavs, tmp_p
     assert rc == 0
     summary = _check_outputs(tmp_path / "out")
     assert summary["content"] == str(content) and set(OUTPUTS) <= set(summary["files"])
+    assert summary["checkpoint"] == checkpoint_path and "peak-normalised" in summary["audio"]
     assert json.loads(capsys.readouterr().out)["files"] == summary["files"]
     # the padding of the 3 s content clip decodes to silence in what follows its z
     for name in ("content_recon", "global_swap"):

@@ -647,8 +647,25 @@ def _evaluate_best(cfg: RunConfig, summary: dict, tracker: tracking.Tracker) -> 
     state = checkpoint.load(summary["best_checkpoint"], "cpu", endpoint)
     model = DSAE(cfg.model)
     checkpoint.restore_model(model, state, summary["best_checkpoint"])
-    return tracking.evaluate_and_log(tracker, cfg, model, load_data(cfg.data), summary,
-                                     summary["best_checkpoint"], endpoint)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_free_cpus(threads))
+    try:
+        return tracking.evaluate_and_log(tracker, cfg, model, load_data(cfg.data), summary,
+                                         summary["best_checkpoint"], endpoint)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _free_cpus(at_least: int) -> int:
+    """Torch threads for an evaluation on the driver: on a one-node Ray, the CPUs that Ray holds
+    for nobody at this moment (the run's own workers have just ended), at least `at_least`;
+    elsewhere `at_least` (free CPUs of other nodes are not this node's)."""
+    import ray
+
+    if not ray.is_initialized() or len([n for n in ray.nodes() if n.get("Alive")]) != 1:
+        return at_least
+    free = int(ray.available_resources().get("CPU", 0.0))
+    return max(at_least, min(os.cpu_count() or 1, free))
 
 
 def driver_config(cfg: RunConfig, **options) -> dict:

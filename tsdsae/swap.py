@@ -31,11 +31,12 @@ SILENT_LOG_MEL = math.log(LOG_EPS)
 
 def swap_clips(model: InferenceModel, content: Clip, timbre: Clip, out_dir: str | Path,
                griffin_lim_iters: int = 32, pitch: bool = False, crepe_model: str = "full",
-               seed: int = 0, progress: bool = True) -> dict:
+               seed: int = 0, progress: bool = True, checkpoint: str | None = None) -> dict:
     """Write the reconstructions, both swaps, the inputs and a spectrogram grid to `out_dir`.
 
     Returns the summary also written to swap.json: {"files": {name: path}, "content": ...,
-    "timbre": ..., and with `pitch` "rpa": {"content_recon", "timbre_recon", "global_swap",
+    "timbre": ..., "checkpoint" (the `checkpoint` named, credentials removed), "audio" (how the
+    WAVs are scaled), and with `pitch` "rpa": {"content_recon", "timbre_recon", "global_swap",
     "local_swap"}} (raw pitch accuracy against Griffin-Lim audio of the input whose z was
     decoded). Griffin-Lim's random phase start is seeded by `seed`.
     """
@@ -79,7 +80,12 @@ def swap_clips(model: InferenceModel, content: Clip, timbre: Clip, out_dir: str 
           ("local swap: z_B, v_A", feats["local_swap"])]],
         out / "swap_grid.png", title=f"A = {content.name}\nB = {timbre.name}")
     files["swap_grid"] = str(grid)
+    from tsdsae.storage import redact_url
+
     summary = {"content": content.name, "timbre": timbre.name, "seconds": content.seconds,
+               "checkpoint": redact_url(checkpoint) if checkpoint else None,
+               "audio": "16 kHz mono; every WAV is peak-normalised (its largest sample is at "
+                        "full scale), so compare timbre and pitch, not loudness",
                "files": files}
     if pitch:
         from tsdsae.pitch import crepe_f0, raw_pitch_accuracy
@@ -141,7 +147,7 @@ def main(argv=None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
     summary = swap_clips(model, content, timbre, args.out, args.griffin_lim_iters, args.pitch,
-                         args.crepe_model, progress=not args.quiet)
+                         args.crepe_model, progress=not args.quiet, checkpoint=args.checkpoint)
     print(json.dumps(summary))
     return 0
 

@@ -20,12 +20,24 @@ from tsdsae.storage import redact_text
 from tsdsae.config import PRESETS, VARIANTS, apply_overrides
 
 
+def _config_keys_help() -> str:
+    """The epilog of --help: every dotted config key with the paper preset's value."""
+    from tsdsae.config import paper, to_flat
+
+    lines = ["Overrides KEY=VALUE, anywhere on the line (e.g. optim.lr=3e-4 model.z_dim=16",
+             "schedule.switch_epoch=25 checkpoint.root=s3://bucket/runs). Keys, with the paper",
+             "preset's values:"]
+    flat = to_flat(paper())
+    width = max(len(k) for k in flat)
+    lines += [f"  {k:<{width}}  {v!r}" for k, v in flat.items()]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tsdsae.train",
         description="Train a DSAE-family model (two-stage schedule) and evaluate it.",
-        epilog="Overrides: any dotted config key, e.g. optim.lr=3e-4 model.z_dim=16 "
-               "schedule.max_epochs=100 checkpoint.root=s3://bucket/runs")
+        epilog=_config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                    help="base configuration (default: paper)")
     p.add_argument("--data", help="dataset URI: 'toy', a folder or s3://bucket/prefix")
@@ -66,8 +78,12 @@ def config_from_args(args):
         flat["seed"] = args.seed
     if args.endpoint_url:
         flat["data.endpoint_url"] = args.endpoint_url
-    cfg = apply_overrides(cfg, flat)
-    return apply_overrides(cfg, args.overrides)
+    cfg = apply_overrides(apply_overrides(cfg, flat), args.overrides)
+    if cfg.data.uri != "toy":
+        # The checkpoint stores where the data is, not where it was relative to the shell.
+        from tsdsae.storage import absolute_location
+        cfg = apply_overrides(cfg, {"data.uri": absolute_location(cfg.data.uri)})
+    return cfg
 
 
 @cli_main

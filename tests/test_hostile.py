@@ -314,3 +314,17 @@ def test_the_same_run_name_with_another_model_is_refused_and_leaves_the_run_as_i
     runs = MlflowClient(db).search_runs([e.experiment_id for e in MlflowClient(db)
                                          .search_experiments()])
     assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+@pytest.mark.slow
+def test_divergence_on_ray_workers_is_one_error_not_retries(tmp_path, ray_cluster):
+    from tsdsae.ray_train import driver_config, train_driver_fn
+    from tsdsae.trainer import TrainingDiverged
+
+    cfg = apply_overrides(toy(), [f"checkpoint.root={tmp_path}", "data.toy_clips=64",
+                                  "schedule.switch_epoch=1", "schedule.max_epochs=3",
+                                  "optim.lr=1e9", "name=ray-boom"])
+    with pytest.raises(TrainingDiverged, match="ray-boom: training diverged at epoch 0"):
+        train_driver_fn(driver_config(cfg, num_workers=1, cpus_per_worker=1, max_failures=3,
+                                      evaluate=False))
+    assert not (tmp_path / "ray-boom" / "result.json").exists()

@@ -355,7 +355,13 @@ def train_loop_per_worker(config: dict) -> None:
         try:          # every rank holds the same summed terms, so all ranks stop together
             check_finite(record, cfg.name, None)
         except TrainingDiverged as exc:
-            ray.train.report({"epoch": epoch, "diverged": str(exc).split("; ")[0]})
+            # Not raised: Ray would restart the worker group from the last checkpoint and
+            # diverge again. Rank 0 leaves the message for the driver (Result keeps only the
+            # metrics of checkpoints), every rank reports once more (the barrier) and stops.
+            if rank == 0:
+                open_store(trainer.run_dir, trainer.endpoint).write_bytes(
+                    DIVERGED_FILE, json.dumps({"message": str(exc).split("; ")[0]}).encode())
+            ray.train.report({"epoch": epoch})
             return
         for callback in epoch_callbacks:
             callback(record, rank)
@@ -525,6 +531,9 @@ def resolve_locations(cfg: RunConfig) -> RunConfig:
     return apply_overrides(cfg, updates) if updates else cfg
 
 
+DIVERGED_FILE = "diverged.json"    # rank 0 -> driver: a loss term became NaN or inf
+
+
 def _check_marker(marker, root: str, where: str) -> None:
     """A stage marker's checkpoint must lie under the run's checkpoint root (its own folder, or
     a sweep's shared stage 1 beside it): what a stored file says is information about these
@@ -585,10 +594,12 @@ def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None,
             else:
                 result = run_stage(cfg, options, stage, previous, tracker, callbacks,
                                    epoch_callbacks)
-                if "diverged" in (result.metrics or {}):
-                    kept = (result.checkpoint or previous)
+                if store.exists(DIVERGED_FILE):
+                    message = json.loads(store.read_bytes(DIVERGED_FILE))["message"]
+                    store.delete(DIVERGED_FILE)
+                    kept = result.checkpoint or previous
                     raise TrainingDiverged(
-                        f"{result.metrics['diverged']}; "
+                        f"{message}; "
                         + (f"the last good checkpoint {kept.path} is kept" if kept else
                            "no checkpoint was written before it")
                         + "; lower optim.lr or check the data for extreme values")

@@ -45,7 +45,7 @@ from data_prep import audio as audio_mod
 from data_prep.shards import (SPLITS, Sample, ShardTask, build_dataset, grouped_split,
                               parse_fractions, sanitize_key, stratified_split)
 from tsdsae import features
-from tsdsae.storage import StorageError, open_store
+from tsdsae.storage import StorageError, open_store, redact_text
 
 URMP_RE = re.compile(r"^AuSep_\d+_(?P<label>[A-Za-z]+)_")
 SEGMENT_HOP = features.SAMPLE_RATE          # 1 s
@@ -597,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             progress=args.progress)
         stored = json.loads(open_store(args.output, args.endpoint_url).read_bytes("dataset.json"))
     except (FileNotFoundError, ValueError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None
     print(format_report(stored))
     print(manifest)

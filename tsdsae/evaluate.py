@@ -82,8 +82,8 @@ def pitch_metrics(model: DSAE, split: Split, partner: np.ndarray,
     """Local-latent metric (METHOD s6): mean raw pitch accuracy of the reconstruction and both
     swaps, for clip i and its partner j = partner[i] (see module docstring).
 
-    `clips` limits the evaluation to the first that many clips (CREPE 'full' costs about 3 s per
-    4 s clip on one CPU core, 4 runs per clip); Griffin-Lim's random phase start is seeded by
+    `clips` limits the evaluation to the first that many clips (CREPE runs on each clip's
+    reference and on its three estimates; 'full' costs about 15x 'tiny'); Griffin-Lim's random phase start is seeded by
     `seed` without touching the caller's RNG. Returns rpa_recon, rpa_gswap, rpa_lswap and
     rpa_n_clips (clips whose reference has voiced frames).
     """

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     from tsdsae.data import ShardError
-    from tsdsae.storage import StorageError
+    from tsdsae.storage import StorageError, redact_text
 
     args = build_parser().parse_args(argv)
     seconds = args.seconds if args.seconds > 0 else None
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         model = load(args.checkpoint, args.device, args.endpoint_url)
     except (AudioError, FileNotFoundError, KeyError, ValueError, StorageError, ShardError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {redact_text(str(msg))}", file=sys.stderr)
         return 2
     summary = swap_clips(model, content, timbre, args.out, args.griffin_lim_iters, args.pitch,
                          args.crepe_model, progress=not args.quiet, checkpoint=args.checkpoint)

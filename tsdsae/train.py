@@ -184,6 +184,34 @@ def require_splits(cfg) -> None:
                 f"{split} fraction (e.g. --fractions 0.8,0.2,0.0) or more audio per label")
 
 
+def evaluation_plan(cfg) -> str:
+    """The line printed before the end-of-run evaluation: what it computes."""
+    e = cfg.eval
+    pitch = (f", CREPE {e.crepe_model} pitch accuracy on {e.pitch_clips or 'all'} "
+             f"{e.split} clips" if e.pitch else "")
+    return (f"evaluating the best checkpoint: LDA on v (fitted on train) scored on {e.split}"
+            f"{' and val' if e.split != 'val' else ''}{pitch}, figures...")
+
+
+def evaluation_words(scores: dict, n_instruments: int) -> str:
+    """What the scores say (METHOD s6): macro-F1 of the instrument predicted from v of the
+    reconstruction (pre_swap), of decode(z_i, v_j) against j's instrument (gswap) and of
+    decode(z_j, v_i) against i's (lswap); near 1 = v alone carries the instrument, near 0 = it
+    follows z (collapse), about 1/K = chance for K instruments."""
+    g, loc = scores.get("gswap", float("nan")), scores.get("lswap", float("nan"))
+    chance = 1.0 / max(n_instruments, 1)
+    if g >= 0.9 and loc >= 0.9:
+        what = "v carries the instrument (the global and local latents separate)"
+    elif max(g, loc) <= 0.25:
+        what = "the instrument follows z: the global latent collapsed"
+    else:
+        what = "v carries the instrument only partly"
+    return (f"{scores.get('split', 'eval')} split: pre_swap {scores.get('pre_swap', 0):.2f}, "
+            f"gswap {g:.2f}, lswap {loc:.2f} (macro-F1 of the instrument heard in the "
+            f"reconstruction / the global swap / the local swap; 1 = v alone sets it, "
+            f"chance {chance:.2f} for {n_instruments} instruments): {what}")
+
+
 def _train_here(cfg, args) -> dict:
     """Single process: tsdsae.trainer.Trainer, with the tracker as its epoch callback."""
     from tsdsae import tracking
@@ -206,9 +234,14 @@ def _train_here(cfg, args) -> dict:
         summary = {k: result[k] for k in ("epochs_run", "stopped_early", "best_epoch", "best_val",
                                           "best_checkpoint")}
         if not args.no_eval:
+            if not args.quiet:
+                print(evaluation_plan(cfg), file=sys.stderr, flush=True)
             summary["eval"] = tracking.evaluate_and_log(
                 tracker, cfg, trainer.best_model(), trainer.data, result, trainer.best_uri,
                 trainer.endpoint, device=trainer.device)
+            if not args.quiet:
+                print(evaluation_words(summary["eval"], len(trainer.data["train"].instruments)),
+                      file=sys.stderr, flush=True)
     except BaseException as exc:
         tracker.fail(exc)
         raise

@@ -261,11 +261,15 @@ def test_dmelodies_write_verify_read(small_dmelodies):
     assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
     for i, key in enumerate(train.keys):
         assert train.instruments[train.instrument[i]] == key.rsplit("_", 1)[1]
-    # Bar 1 starts on its first eighth and each note lasts to the next onset, so bar 1 (frames
-    # before 2 s) has no rest; bar 2 may start with a rest; the frame centred on 4.0 s is after
-    # the last note.
-    assert (train.notes[:, :125] >= 60).all() and (train.notes <= 72 + 14).all()
+    # The original generator's rule at 120 qpm: an eighth is 0.25 s = 15.625 frames (hop 256 at
+    # 16 kHz), a bar 125 frames. Bar 1 starts with a note; each bar has 6 eighth notes and 2
+    # eighth rests, so 2 x 15.625 frames of rest per bar (30-32 whole frames); the frame at 4.0 s
+    # is after the last note.
+    assert (train.notes[:, :15] >= 60).all() and (train.notes <= 72 + 14).all()
     assert ((train.notes == -1) | (train.notes >= 60)).all()
+    for bar in (slice(0, 125), slice(125, 250)):
+        rests = (train.notes[:, bar] == -1).sum(dim=1)
+        assert ((rests >= 30) & (rests <= 32)).all(), rests
     assert (train.notes[:, -1] == -1).all()
     # The stored audio is what the features were computed from.
     again = features.log_mel(train.audio[:2])

@@ -34,7 +34,7 @@ def load_rates(path: str) -> dict[tuple[str, int, int], float]:
     for line in Path(path).read_text().splitlines():
         if line.strip().startswith("{"):
             r = json.loads(line)
-            if r.get("mode", "single") == "single":
+            if r.get("mode", "single") == "single" and "ms_per_step" in r:
                 rates[(r["model"], r["stage"], r["z_dim"])] = r["ms_per_step"] / 1000.0
     return rates
 

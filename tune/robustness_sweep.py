@@ -24,8 +24,8 @@ optimisers, variants) join one Tune trial, a bundle of trial groups, and train a
 of up to K members, one Ray Train job per pack: first every group's stage 1 (shared) or whole
 run (DSAE) side by side, then the stage 2 of every two-stage variant side by side, each member
 exactly as its run alone, with its own checkpoints and MLflow child run; the trial then only
-evaluates each run. 'auto' is 16 with GPUs and 1 (no packing) on CPU, where packing measured
-no faster (README, "Packed trials").
+evaluates each run. 'auto' is 1 (no packing): on this project's CPU packing measured no faster,
+and on an H200 packs beat one run after another only from K = 32 (README, "Packed trials").
 
 MLflow: one parent run per sweep (found again by its key on --resume), one child run per grid
 point (model variant) tagged with its grid coordinates, plus one child run per shared stage 1.
@@ -371,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", default="auto",
                    help="train up to K runs of one architecture (seeds, optimisers, variants) "
                         "as one packed model per trial (tsdsae.packed_train); 'auto' = 1 (one "
-                        "run after another) on CPU, where packing measured no faster (README), "
-                        f"and {GPU_PACK} with GPUs")
+                        "run after another): packing measured no faster on CPU and only from "
+                        "K = 32 on an H200 (README); try 64 where a trial has a GPU of 40 GB")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep of the same --name (Tuner.restore)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
@@ -481,18 +481,15 @@ def _ray_options(args) -> dict:
     return options
 
 
-# --pack auto with GPUs. Not measured on a GPU in this project yet (benchmarks/packed_rate.py
-# --device cuda gives the curve): a pack of 16 members of this 56 k-parameter model is far from
-# filling a GPU's memory, and fewer members leave it launch-bound.
-GPU_PACK = 16
-
-
 def pack_size(args) -> int:
-    """--pack as a number: 'auto' is GPU_PACK when runs get GPUs and 1 on CPU (where
-    benchmarks/packed_rate.py measured packing no faster than one run after another, README
-    "Packed trials"). Raises UsageError for anything but 'auto' or a positive integer."""
+    """--pack as a number: 'auto' is 1, one run after another, on CPU and on GPUs alike. Measured
+    with benchmarks/packed_rate.py (README "Packed trials"): on CPU packing is no faster; on an
+    H200 the fused pass takes about 300 ms a step whatever K (launch-bound), so packs beat one run
+    after another only from K = 32 (x1.3 TS-DSAE stage 2) and K = 64 (x1.7 DSAE, x2.1 TS-DSAE
+    stage 2, 35 GB), too much memory for a default. Raises UsageError for anything but 'auto' or
+    a positive integer."""
     if args.pack == "auto":
-        return GPU_PACK if args.gpus_per_trial > 0 else 1
+        return 1
     try:
         size = int(args.pack)
     except ValueError:

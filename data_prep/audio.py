@@ -90,11 +90,14 @@ def fluidsynth_version() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Clip:
-    """One clip to render: a General MIDI program and notes [(pitch, onset_s, duration_s), ...]."""
+    """One clip to render: a General MIDI program and notes [(pitch, onset_s, duration_s), ...]
+    or [(pitch, onset_s, duration_s, velocity), ...] (per-note dynamics; else `velocity`), and
+    `modulation` (MIDI CC 1, 0-127: the soundfont's vibrato depth where its preset maps it)."""
 
     program: int
-    notes: tuple[tuple[int, float, float], ...]
+    notes: tuple[tuple, ...]
     velocity: int = 100
+    modulation: int = 0
 
 
 def clips_to_midi(clips: list[Clip], path: str | os.PathLike, slot_seconds: float) -> None:
@@ -113,12 +116,18 @@ def clips_to_midi(clips: list[Clip], path: str | os.PathLike, slot_seconds: floa
         return int(round(seconds * ticks_per_s))
 
     events = []   # (tick, order, message): at equal ticks offs come before ons
+    modulated = any(clip.modulation for clip in clips)
     for k, clip in enumerate(clips):
         base = k * slot_seconds
         events.append((tick(base), 0, mido.Message("program_change", program=clip.program)))
-        for pitch, onset, duration in clip.notes:
+        if modulated:      # set on every clip of the file, so none inherits another's
+            events.append((tick(base), 0, mido.Message("control_change", control=1,
+                                                       value=int(clip.modulation))))
+        for note in clip.notes:
+            pitch, onset, duration = note[:3]
+            velocity = int(note[3]) if len(note) > 3 else clip.velocity
             events.append((tick(base + onset), 2, mido.Message(
-                "note_on", note=int(pitch), velocity=clip.velocity)))
+                "note_on", note=int(pitch), velocity=velocity)))
             events.append((tick(base + onset + duration), 1, mido.Message(
                 "note_off", note=int(pitch), velocity=0)))
         events.append((tick(base + slot_seconds) - 1, 3,

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tsdsae import checkpoint
+from tsdsae import checkpoint, tracking
 from tsdsae.config import apply_overrides, debug, to_flat
-from tsdsae.ray_train import (BatchShare, RayOptions, ddp_wrap, driver_config,
-                              resolve_locations, split_config, stage_jobs, train_driver_fn)
+from tsdsae.ray_train import (PROGRESS_FILE, BatchShare, RayOptions, RunWatcher, ddp_wrap,
+                              driver_config, resolve_locations, split_config, stage_jobs,
+                              train_driver_fn)
 from tsdsae.storage import open_store
 from tsdsae.toy import make_toy_dataset
 from tsdsae.trainer import Trainer, batch_parts
@@ -186,8 +187,17 @@ def test_two_gloo_workers_match_a_single_process_run(tmp_path, ray_cluster, mlfl
                  for a in client.list_artifacts(run.info.run_id, d)}
     assert artifacts == {"figures/reconstructions.png", "checkpoint/best.pt"}
 
-    # The stage-2 job started from stage 1's end: the snapshot is that global encoder.
+    # Rank 0 leaves the latest epochs in progress.json; the driver's watcher reads them.
     location = Path(summary["run_dir"])
+    progress = json.loads((location / PROGRESS_FILE).read_text())["records"]
+    assert [r["epoch"] for r in progress] == [0, 1, 2, 3]
+    assert [r["stage"] for r in progress] == [1, 1, 2, 2]
+    watcher = RunWatcher(resolve_locations(cfg), str(location), tracking.NullTracker(),
+                         show=False)
+    watcher.poll()
+    assert watcher.seen == 3 and watcher.left.seconds_left() == 0 and watcher.watch.tags() == {}
+
+    # The stage-2 job started from stage 1's end: the snapshot is that global encoder.
     stage_1 = json.loads((location / "stage_1.json").read_text())
     end_1 = checkpoint.load(f"{stage_1['checkpoint']}/state.pt")
     final = checkpoint.load(f"{summary['last_checkpoint']}/state.pt")
@@ -273,6 +283,14 @@ def test_worker_failures_in_stage_two_resume_with_s3_storage(tmp_path, ray_clust
         steps = [s for s, _ in _history(client, run.info.run_id, key)]
         assert steps == sorted(set(steps)) and steps[-1] == 5, (key, steps)
     assert len(client.search_runs([run.info.experiment_id])) == 1
+    # The CLI's run ends with its page, uploaded to the run folder and logged to MLflow.
+    page = summary["eval"]["page"]
+    assert page == f"s3://{bucket}/runs/s3run/report/report.html"
+    report = open_store(f"s3://{bucket}/runs/s3run/report", s3_server.endpoint_url)
+    assert b"<audio" in report.read_bytes("report.html")
+    assert json.loads(report.read_bytes("scores.json"))["gswap"] == summary["eval"]["gswap"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} == {
+        "report/report.html", "report/scores.json"}
     # Worker groups started at: stage 1 (0), stage 2 (2), the retry after the kill after epoch
     # 3, the rerun after the kill after epoch 4. Each resumes from the latest checkpoint Ray's
     # controller had registered; a killed worker group can take the report it had not yet

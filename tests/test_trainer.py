@@ -4,12 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tsdsae import checkpoint
 from tsdsae.config import apply_overrides, debug, toy
-from tsdsae.evaluate import evaluate
+from tsdsae.evaluate import evaluate, pair_other_instrument
 from tsdsae.toy import make_toy_dataset
 from tsdsae.trainer import Trainer, batch_indices
 
@@ -145,10 +146,33 @@ def test_cli_help_and_debug_run(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tsdsae.train", "--preset", "debug",
                           "model.z_dim=0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "model.z_dim" in bad.stderr
+    # Four instruments: macro-F1 over K = 4, the K x K table of the global swap, the run's page.
     run = subprocess.run([sys.executable, "-m", "tsdsae.train", "--preset", "debug", "--quiet",
-                          f"checkpoint.root={tmp_path}"], capture_output=True, text=True, check=True)
+                          f"checkpoint.root={tmp_path}", "data.toy_instruments=4"],
+                         capture_output=True, text=True, check=True)
     summary = json.loads(run.stdout.strip().splitlines()[-1])
-    assert summary["epochs_run"] == 12 and set(summary["eval"]) >= {"pre_swap", "gswap", "lswap"}
-    ev = subprocess.run([sys.executable, "-m", "tsdsae.evaluate", summary["best_checkpoint"]],
-                        capture_output=True, text=True, check=True)
-    assert json.loads(ev.stdout)["n_eval"] > 0
+    scores = summary["eval"]
+    assert summary["epochs_run"] == 12 and set(scores) >= {"pre_swap", "gswap", "lswap"}
+    assert scores["instruments"] == ["saw", "clarinet", "flute", "brass"]
+    confusion = np.array(scores["gswap_confusion"])
+    assert confusion.shape == (4, 4) and confusion.sum() == scores["n_eval"]
+    # Rows count the instrument of each clip's partner j (whose v was decoded): the pairing alone
+    # decides them, whatever the model hears.
+    test = make_toy_dataset(256, 1.0, 4, seed=0)["test"]
+    partners = test.instrument.numpy()[pair_other_instrument(test.instrument.numpy(), 0)]
+    assert confusion.sum(axis=1).tolist() == np.bincount(partners, minlength=4).tolist()
+    page = Path(scores["page"])
+    assert page == tmp_path / "debug" / "report" / "report.html"
+    text = page.read_text()
+    assert text.count("<audio") == 2 + 3 + 16          # inputs A/B, one pair, 4 x 4 swap matrix
+    assert all(f"<th>{n}</th>" in text for n in scores["instruments"])
+    assert "losses per epoch" in text and "chance 0.25 for 4 instruments" in text
+    # The page is rebuilt from the checkpoint alone, with the same scores.
+    again = tmp_path / "again"
+    ev = subprocess.run([sys.executable, "-m", "tsdsae.evaluate", summary["best_checkpoint"],
+                         "--page", str(again)], capture_output=True, text=True, check=True)
+    rebuilt = json.loads(ev.stdout)
+    assert rebuilt["n_eval"] > 0 and (again / "report.html").is_file()
+    for key in ("pre_swap", "gswap", "lswap", "gswap_confusion"):
+        assert rebuilt[key] == scores[key], key
+    assert json.loads((again / "scores.json").read_text())["gswap"] == scores["gswap"]

@@ -255,6 +255,30 @@ def toy(**top) -> RunConfig:
 PRESETS = {"paper": paper, "debug": debug, "toy": toy}
 
 
+# The budget of a run on the user's own data, in optimisation steps (not epochs: an epoch's
+# steps depend on the dataset's size). Measured on varied renders (data_prep.varied, 4
+# instruments, 800 training clips; README "Your own recordings"): stage 1, then stage 2 (DSAE
+# trains the sum in its one stage).
+OWN_STAGE1_STEPS = 1400
+OWN_STAGE2_STEPS = 2100
+
+
+def step_budget(cfg: RunConfig, n_train: int, stage1_steps: int = OWN_STAGE1_STEPS,
+                stage2_steps: int = OWN_STAGE2_STEPS) -> RunConfig:
+    """`cfg` with its schedule set from a budget in steps for a training split of `n_train`
+    clips: switch_epoch = ceil(stage1_steps / S), max_epochs = switch_epoch + ceil(stage2_steps
+    / S) with S = ceil(n_train / batch_size) steps per epoch, and patience = max_epochs (the
+    budget, not early stopping, ends the run; the best val checkpoint is still the one kept).
+    Raises ValueError for an empty training split."""
+    if n_train < 1:
+        raise ValueError("the training split is empty")
+    per_epoch = math.ceil(n_train / cfg.optim.batch_size)
+    switch = math.ceil(stage1_steps / per_epoch)
+    total = switch + math.ceil(stage2_steps / per_epoch)
+    return apply_overrides(cfg, {"schedule.switch_epoch": switch, "schedule.max_epochs": total,
+                                 "schedule.patience": total})
+
+
 # ---------------------------------------------------------------------------------------------
 # Dotted keys
 

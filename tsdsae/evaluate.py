@@ -30,7 +30,7 @@ import sys
 import numpy as np
 import torch
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-from sklearn.metrics import f1_score
+from sklearn.metrics import confusion_matrix, f1_score
 
 from tsdsae import features
 from tsdsae.cli import cli_main
@@ -179,7 +179,11 @@ def evaluate(model: DSAE, data: Dataset, split: str = "test", seed: int = 0,
              device: str | torch.device = "cpu", batch: int = 256, pitch: bool = False,
              crepe_model: str = "full", pitch_clips: int | None = None,
              progress: bool = False) -> dict[str, float]:
-    """Returns {"pre_swap": f1, "gswap": f1, "lswap": f1, "lda_train_acc": acc, "n_eval": N}.
+    """Returns {"pre_swap": f1, "gswap": f1, "lswap": f1, "lda_train_acc": acc, "n_eval": N,
+    "gswap_confusion": K x K counts, "instruments": K names}: macro-F1 over the K instruments
+    (METHOD s6; each clip paired with a clip of any other instrument), and which instrument
+    each global swap decode(z_i, v_j) is heard as (row: j's instrument, column: the LDA's
+    prediction; a collapsed v moves the counts off the diagonal).
 
     The LDA is fitted on the train split and `split` is scored (MissingSplitError when the
     dataset lacks it). With `pitch`, also rpa_recon, rpa_gswap, rpa_lswap, rpa_n_clips (see
@@ -208,10 +212,14 @@ def evaluate(model: DSAE, data: Dataset, split: str = "test", seed: int = 0,
         return model.encode_means(out, m)[0].cpu()
 
     targets = {"pre_swap": y, "gswap": y[j], "lswap": y}
-    result: dict[str, float] = {}
+    result: dict = {}
+    classes = np.arange(len(ev.instruments))
     for kind, target in targets.items():
         pred = lda.predict(_batched(lambda s: reencode_v(s, kind), len(ev), batch).numpy())
         result[kind] = float(f1_score(target, pred, average="macro"))
+        if kind == "gswap":      # row: the instrument of v's clip j; column: the one heard
+            result["gswap_confusion"] = confusion_matrix(target, pred, labels=classes).tolist()
+    result["instruments"] = list(ev.instruments)
     result["lda_train_acc"] = float(lda.score(v_means(model, train, device).numpy(),
                                               train.instrument.numpy()))
     result["n_eval"] = len(ev)
@@ -234,6 +242,25 @@ def evaluate_run(model: DSAE, data: Dataset, cfg: EvalConfig,
         val = evaluate(model, data, "val", device=device)
         scores.update({f"val_{k}": val[k] for k in LDA_SCORES})
     return scores
+
+
+def evaluation_words(scores: dict, n_instruments: int) -> str:
+    """What the scores say (METHOD s6): macro-F1 of the instrument predicted from v of the
+    reconstruction (pre_swap), of decode(z_i, v_j) against j's instrument (gswap) and of
+    decode(z_j, v_i) against i's (lswap); near 1 = v alone carries the instrument, near 0 = it
+    follows z (collapse), about 1/K = chance for K instruments."""
+    g, loc = scores.get("gswap", float("nan")), scores.get("lswap", float("nan"))
+    chance = 1.0 / max(n_instruments, 1)
+    if g >= 0.9 and loc >= 0.9:
+        what = "v carries the instrument (the global and local latents separate)"
+    elif max(g, loc) <= 0.25:
+        what = "the instrument follows z: the global latent collapsed"
+    else:
+        what = "v carries the instrument only partly"
+    return (f"{scores.get('split', 'eval')} split: pre_swap {scores.get('pre_swap', 0):.2f}, "
+            f"gswap {g:.2f}, lswap {loc:.2f} (macro-F1 of the instrument heard in the "
+            f"reconstruction / the global swap / the local swap; 1 = v alone sets it, "
+            f"chance {chance:.2f} for {n_instruments} instruments): {what}")
 
 
 def data_location_from_checkpoint(stored: str, checkpoint_uri: str, confirmed: bool) -> str:
@@ -287,6 +314,10 @@ def main(argv=None) -> int:
                    help="CREPE capacity for --pitch (default: full, as in the paper)")
     p.add_argument("--pitch-clips", type=int, default=None,
                    help="score pitch on the first N evaluation clips only (default: all)")
+    p.add_argument("--page", metavar="DIR", default=None,
+                   help="also write the run's page (report.html: scores, which instrument each "
+                        "global swap is heard as, swaps to listen to, losses per epoch) to DIR, "
+                        "e.g. runs/NAME/report")
     args = p.parse_args(argv)
     state = checkpoint.load(args.checkpoint, endpoint_url=args.endpoint_url)
     cfg = from_flat(state["config"])
@@ -306,7 +337,15 @@ def main(argv=None) -> int:
           f"train)", file=sys.stderr)
     result = evaluate(model, data, split, args.seed, device, pitch=args.pitch,
                       crepe_model=args.crepe_model, pitch_clips=args.pitch_clips, progress=True)
-    print(json.dumps({"split": split, **result}))
+    result = {"split": split, **result}
+    print(evaluation_words(result, len(result["instruments"])), file=sys.stderr)
+    if args.page:
+        from tsdsae.run_report import write_run_page
+
+        path = write_run_page(args.checkpoint, data[split], split, result, args.page,
+                              args.endpoint_url, seed=args.seed)
+        print(f"page: {path}", file=sys.stderr)
+    print(json.dumps(result))
     return 0
 
 

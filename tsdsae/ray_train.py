@@ -39,6 +39,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -76,6 +77,9 @@ class RayOptions:
     parent_run_id    MLflow run to nest this run's run under (a sweep's run)
     evaluate         evaluate the best checkpoint and log it at the end
     keep_checkpoints Ray checkpoints kept per stage (the latest is always kept)
+    progress         show the run's progress line (time left) and warnings on the driver's
+                     console (RunWatcher); the collapse tag is set either way
+    page             with evaluate: also write the run's page (tsdsae.tracking.write_page)
     """
 
     num_workers: int = 1
@@ -87,6 +91,8 @@ class RayOptions:
     parent_run_id: str = ""
     evaluate: bool = True
     keep_checkpoints: int = 2
+    progress: bool = False
+    page: bool = False
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -366,6 +372,8 @@ def train_loop_per_worker(config: dict) -> None:
         for callback in epoch_callbacks:
             callback(record, rank)
         tracker.log_epoch(record)
+        if rank == 0:
+            write_progress(trainer)
         stop = trainer.should_stop()
         last = epoch == epochs.stop - 1 or stop
         _report(trainer, record, save=last or trainer.checkpoint_due(epoch))
@@ -532,6 +540,82 @@ def resolve_locations(cfg: RunConfig) -> RunConfig:
 
 
 DIVERGED_FILE = "diverged.json"    # rank 0 -> driver: a loss term became NaN or inf
+PROGRESS_FILE = "progress.json"    # rank 0 -> driver: the latest epochs' records
+PROGRESS_KEEP = 32                 # epochs kept in it (the collapse rule needs a few in a row)
+PROGRESS_KEYS = ("epoch", "stage", "seconds", "train_loss", "train_recon", "train_kl_z",
+                 "train_kl_v", "val_loss")
+
+
+def write_progress(trainer: Trainer) -> None:
+    """Rank 0, after each epoch: the run's last PROGRESS_KEEP epoch records (PROGRESS_KEYS) to
+    the run folder's progress.json, which the driver's RunWatcher reads."""
+    records = [{k: r[k] for k in PROGRESS_KEYS if k in r}
+               for r in trainer.history[-PROGRESS_KEEP:]]
+    open_store(trainer.run_dir, trainer.endpoint).write_bytes(
+        PROGRESS_FILE, json.dumps({"records": records}).encode())
+
+
+class RunWatcher:
+    """The driver's view of a Ray run while its stage jobs train: a thread that reads the run
+    folder's progress.json every `every` seconds and feeds each new epoch record to the progress
+    line (tsdsae.trainer.epoch_bar, with tsdsae.monitor.TimeLeft; when `show`) and to
+    tsdsae.monitor.CollapseWatch, whose warning is printed (when `show`) and tagged on `tracker`.
+    Use as a context manager; the last records are read once more on exit."""
+
+    def __init__(self, cfg: RunConfig, location: str, tracker: tracking.Tracker,
+                 show: bool = True, every: float = 2.0):
+        import threading
+
+        from tsdsae.monitor import CollapseWatch, TimeLeft
+
+        s = cfg.schedule
+        self.cfg, self.tracker, self.show, self.every = cfg, tracker, show, every
+        self.store = open_store(location, cfg.data.endpoint_url or None)
+        self.left = TimeLeft(s.variant, s.switch_epoch, s.max_epochs)
+        self.watch = CollapseWatch(s.variant, s.switch_epoch, name=cfg.name)
+        self.seen = -1
+        self.bar = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tsdsae-watch")
+
+    def poll(self) -> None:
+        """Read progress.json once and take in the epochs not seen yet."""
+        from tsdsae.trainer import epoch_bar, show_epoch
+
+        try:
+            records = json.loads(self.store.read_bytes(PROGRESS_FILE))["records"]
+        except (OSError, ValueError, KeyError, TypeError):   # not written yet, or mid-write
+            return
+        for record in records:
+            if not isinstance(record, dict) or int(record.get("epoch", -1)) <= self.seen:
+                continue
+            self.seen = int(record["epoch"])
+            self.left.update(record)
+            warning = self.watch(record)
+            if self.show:
+                if self.bar is None:
+                    self.bar = epoch_bar(self.cfg, self.seen)
+                show_epoch(self.bar, record, self.left)
+            if warning:
+                if self.show:
+                    from tqdm.auto import tqdm
+                    tqdm.write(warning, file=sys.stderr)
+                self.tracker.set_tags(self.watch.tags())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.poll()
+
+    def __enter__(self) -> "RunWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _check_marker(marker, root: str, where: str) -> None:
@@ -587,29 +671,31 @@ def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None,
               "tsdsae.use_gpu": options.use_gpu})
     try:
         previous, metrics = None, {}
-        for stage, _ in stage_jobs(cfg):
-            name = f"stage_{stage}.json"
-            if store.exists(name):
-                marker = json.loads(store.read_bytes(name))
-            else:
-                result = run_stage(cfg, options, stage, previous, tracker, callbacks,
-                                   epoch_callbacks)
-                if store.exists(DIVERGED_FILE):
-                    message = json.loads(store.read_bytes(DIVERGED_FILE))["message"]
-                    store.delete(DIVERGED_FILE)
-                    kept = result.checkpoint or previous
-                    raise TrainingDiverged(
-                        f"{message}; "
-                        + (f"the last good checkpoint {kept.path} is kept" if kept else
-                           "no checkpoint was written before it")
-                        + "; lower optim.lr or check the data for extreme values")
-                marker = {"stage": stage, "checkpoint": result.checkpoint.path,
-                          "metrics": _jsonable(result.metrics)}
-                store.write_bytes(name, json.dumps(marker, indent=1).encode())
-                logger.info("%s: stage %d finished at epoch %s%s", cfg.name, stage,
-                            marker["metrics"].get("epoch"), _best_text(marker["metrics"]))
-            _check_marker(marker, cfg.checkpoint.root, f"{location}/{name}")
-            previous, metrics = _stage_checkpoint(marker, filesystem), marker["metrics"]
+        with RunWatcher(cfg, location, tracker, show=options.progress,
+                        every=2.0 if options.progress else 15.0):
+            for stage, _ in stage_jobs(cfg):
+                name = f"stage_{stage}.json"
+                if store.exists(name):
+                    marker = json.loads(store.read_bytes(name))
+                else:
+                    result = run_stage(cfg, options, stage, previous, tracker, callbacks,
+                                       epoch_callbacks)
+                    if store.exists(DIVERGED_FILE):
+                        message = json.loads(store.read_bytes(DIVERGED_FILE))["message"]
+                        store.delete(DIVERGED_FILE)
+                        kept = result.checkpoint or previous
+                        raise TrainingDiverged(
+                            f"{message}; "
+                            + (f"the last good checkpoint {kept.path} is kept" if kept else
+                               "no checkpoint was written before it")
+                            + "; lower optim.lr or check the data for extreme values")
+                    marker = {"stage": stage, "checkpoint": result.checkpoint.path,
+                              "metrics": _jsonable(result.metrics)}
+                    store.write_bytes(name, json.dumps(marker, indent=1).encode())
+                    logger.info("%s: stage %d finished at epoch %s%s", cfg.name, stage,
+                                marker["metrics"].get("epoch"), _best_text(marker["metrics"]))
+                _check_marker(marker, cfg.checkpoint.root, f"{location}/{name}")
+                previous, metrics = _stage_checkpoint(marker, filesystem), marker["metrics"]
         summary = {
             "run_dir": location, "best_checkpoint": f"{location}/best.pt",
             "last_checkpoint": _checkpoint_uri(previous.path, location),
@@ -617,7 +703,8 @@ def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None,
             "best_val": metrics["best_val"], "stopped_early": bool(metrics["stopped_early"]),
             "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri}
         if options.evaluate:
-            summary["eval"] = _evaluate_best(cfg, summary, tracker)
+            summary["eval"] = _evaluate_best(cfg, summary, tracker,
+                                             location if options.page else None)
         store.write_bytes("result.json", json.dumps(summary, indent=1).encode())
     except BaseException as exc:
         tracker.fail(exc)
@@ -649,9 +736,10 @@ def _jsonable(metrics: Mapping[str, Any]) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
-def _evaluate_best(cfg: RunConfig, summary: dict, tracker: tracking.Tracker) -> dict:
+def _evaluate_best(cfg: RunConfig, summary: dict, tracker: tracking.Tracker,
+                   page_in: str | None = None) -> dict:
     """LDA F1 scores of the best checkpoint (on the driver's CPU), logged with a reconstruction
-    PNG and the checkpoint file."""
+    PNG and the checkpoint file; the run's page in `page_in` when given."""
     from tsdsae.model.dsae import DSAE
 
     endpoint = cfg.data.endpoint_url or None
@@ -662,7 +750,7 @@ def _evaluate_best(cfg: RunConfig, summary: dict, tracker: tracking.Tracker) -> 
     torch.set_num_threads(_free_cpus(threads))
     try:
         return tracking.evaluate_and_log(tracker, cfg, model, load_data(cfg.data), summary,
-                                         summary["best_checkpoint"], endpoint)
+                                         summary["best_checkpoint"], endpoint, page_in=page_in)
     finally:
         torch.set_num_threads(threads)
 

@@ -357,10 +357,12 @@ def reconstruction_png(model, split, path: str | os.PathLike, n: int = 4, seed: 
 
 def evaluate_and_log(tracker: Tracker, cfg: RunConfig, model, data, result: Mapping[str, Any],
                      checkpoint_uri: str | None = None, endpoint_url: str | None = None,
-                     device="cpu") -> dict[str, Any]:
+                     device="cpu", page_in: str | None = None) -> dict[str, Any]:
     """The end of a run: tsdsae.evaluate.evaluate_run with `cfg.eval` (the same scores with
     tracking on or off), then `log_final` at the best epoch with the best_val / best_epoch /
-    epochs_run of `result`. Returns the scores (with "split", the split they score)."""
+    epochs_run of `result`; with `page_in` (the run's folder), also the run's page
+    (`write_page`), whose location the scores give as "page". Returns the scores (with "split",
+    the split they score)."""
     from tsdsae.evaluate import evaluate_run
 
     scores = evaluate_run(model, data, cfg.eval, device=device)
@@ -368,7 +370,34 @@ def evaluate_and_log(tracker: Tracker, cfg: RunConfig, model, data, result: Mapp
               step=max(result["best_epoch"], 0),
               summary={k: result[k] for k in ("best_val", "best_epoch", "epochs_run")},
               figures=cfg.tracking.figures)
+    if page_in and checkpoint_uri:
+        scores["page"] = write_page(tracker, page_in, checkpoint_uri, data[cfg.eval.split],
+                                    cfg.eval.split, scores, endpoint_url)
     return scores
+
+
+def write_page(tracker: Tracker, run_dir: str, checkpoint_uri: str, split, split_name: str,
+               scores: Mapping[str, Any], endpoint_url: str | None = None) -> str:
+    """The run's page (tsdsae.run_report.write_run_page) in `run_dir`/report/ (a local folder,
+    or uploaded there for an s3:// run folder), logged to the run's MLflow run under report/.
+    Returns the page's location."""
+    from tsdsae.run_report import write_run_page
+    from tsdsae.storage import open_store
+
+    if "://" not in run_dir:
+        path = write_run_page(checkpoint_uri, split, split_name, scores,
+                              Path(run_dir) / "report", endpoint_url)
+        tracker.log_artifact(path, "report")
+        tracker.log_artifact(path.parent / "scores.json", "report")
+        return str(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_run_page(checkpoint_uri, split, split_name, scores, tmp, endpoint_url)
+        tracker.log_artifact(path, "report")
+        tracker.log_artifact(Path(tmp) / "scores.json", "report")
+        store = open_store(f"{run_dir.rstrip('/')}/report", endpoint_url)
+        store.write_bytes("report.html", path.read_bytes())
+        store.write_bytes("scores.json", (Path(tmp) / "scores.json").read_bytes())
+        return store.url("report.html")
 
 
 def log_final(tracker: Tracker, model, data, scores: Mapping[str, Any],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 from tsdsae.cli import UsageError, cli_main
@@ -83,6 +84,38 @@ def config_from_args(args):
         # The checkpoint stores where the data is, not where it was relative to the shell.
         from tsdsae.storage import absolute_location
         cfg = apply_overrides(cfg, {"data.uri": absolute_location(cfg.data.uri)})
+        cfg = own_data_budget(cfg, args)
+    return cfg
+
+
+BUDGET_KEYS = ("schedule.switch_epoch", "schedule.max_epochs", "schedule.patience")
+
+
+def own_data_budget(cfg, args):
+    """The paper preset on a dataset that is not dMelodies (a folder of recordings, varied
+    renders) with no budget key overridden: the measured budget in steps
+    (tsdsae.config.step_budget, OWN_STAGE1_STEPS + OWN_STAGE2_STEPS) instead of the paper's
+    4,000 epochs, said in one line. Anything else: `cfg` unchanged."""
+    from tsdsae.config import OWN_STAGE1_STEPS, OWN_STAGE2_STEPS, step_budget
+    from tsdsae.data import load_manifest
+
+    if args.preset != "paper" or any(o.split("=", 1)[0].strip() in BUDGET_KEYS
+                                     for o in args.overrides):
+        return cfg
+    manifest = load_manifest(cfg.data.uri, cfg.data.endpoint_url or None)
+    if manifest.get("made_by", {}).get("tool") == "data_prep.dmelodies":
+        return cfg
+    n_train = int(manifest.get("splits", {}).get("train", {}).get("num_samples", 0))
+    if n_train < 1:
+        return cfg                        # require_splits says what is missing
+    cfg = step_budget(cfg, n_train)
+    s = cfg.schedule
+    stages = (f"{s.max_epochs} epochs" if s.variant == "dsae" else
+              f"stage 1 {s.switch_epoch} epochs + stage 2 {s.max_epochs - s.switch_epoch} epochs")
+    print(f"budget for your own data: {OWN_STAGE1_STEPS} + {OWN_STAGE2_STEPS} steps = {stages} "
+          f"of {math.ceil(n_train / cfg.optim.batch_size)} steps ({n_train} training clips, "
+          f"batch {cfg.optim.batch_size}); set schedule.switch_epoch / schedule.max_epochs / "
+          "schedule.patience to choose another", file=sys.stderr, flush=True)
     return cfg
 
 
@@ -96,7 +129,8 @@ def main(argv=None) -> int:
         from tsdsae.ray_train import driver_config, split_config
         options = driver_config(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
                                 cpus_per_worker=args.cpus_per_worker,
-                                max_failures=args.max_failures, evaluate=not args.no_eval)
+                                max_failures=args.max_failures, evaluate=not args.no_eval,
+                                progress=not args.quiet, page=True)
         split_config(options)                            # bad values: exit 2 before Ray starts
     require_splits(cfg)
     if not args.no_eval:
@@ -193,28 +227,27 @@ def evaluation_plan(cfg) -> str:
             f"{' and val' if e.split != 'val' else ''}{pitch}, figures...")
 
 
-def evaluation_words(scores: dict, n_instruments: int) -> str:
-    """What the scores say (METHOD s6): macro-F1 of the instrument predicted from v of the
-    reconstruction (pre_swap), of decode(z_i, v_j) against j's instrument (gswap) and of
-    decode(z_j, v_i) against i's (lswap); near 1 = v alone carries the instrument, near 0 = it
-    follows z (collapse), about 1/K = chance for K instruments."""
-    g, loc = scores.get("gswap", float("nan")), scores.get("lswap", float("nan"))
-    chance = 1.0 / max(n_instruments, 1)
-    if g >= 0.9 and loc >= 0.9:
-        what = "v carries the instrument (the global and local latents separate)"
-    elif max(g, loc) <= 0.25:
-        what = "the instrument follows z: the global latent collapsed"
-    else:
-        what = "v carries the instrument only partly"
-    return (f"{scores.get('split', 'eval')} split: pre_swap {scores.get('pre_swap', 0):.2f}, "
-            f"gswap {g:.2f}, lswap {loc:.2f} (macro-F1 of the instrument heard in the "
-            f"reconstruction / the global swap / the local swap; 1 = v alone sets it, "
-            f"chance {chance:.2f} for {n_instruments} instruments): {what}")
+def collapse_callback(cfg, tracker):
+    """An epoch callback: tsdsae.monitor.CollapseWatch's warning printed once (above the
+    progress line) and its MLflow tag set on `tracker`."""
+    from tqdm.auto import tqdm
+
+    from tsdsae.monitor import CollapseWatch
+
+    watch = CollapseWatch(cfg.schedule.variant, cfg.schedule.switch_epoch, name=cfg.name)
+
+    def check(record) -> None:
+        warning = watch(record)
+        if warning:
+            tqdm.write(warning, file=sys.stderr)
+            tracker.set_tags(watch.tags())
+    return check
 
 
 def _train_here(cfg, args) -> dict:
     """Single process: tsdsae.trainer.Trainer, with the tracker as its epoch callback."""
     from tsdsae import tracking
+    from tsdsae.evaluate import evaluation_words
     from tsdsae.ray_train import configure_device
     from tsdsae.train_step import keep_freed_memory
     from tsdsae.trainer import Trainer
@@ -228,7 +261,7 @@ def _train_here(cfg, args) -> dict:
         trainer.resume()
     tracker = tracking.start_run(cfg, tracking.run_key(trainer.run_dir), resume=not args.no_resume,
                                  tags={"tsdsae.run_dir": trainer.run_dir})
-    trainer.callbacks.append(tracker)
+    trainer.callbacks += [tracker, collapse_callback(cfg, tracker)]
     try:
         result = trainer.fit(resume=False)          # resumed above
         summary = {k: result[k] for k in ("epochs_run", "stopped_early", "best_epoch", "best_val",
@@ -238,10 +271,12 @@ def _train_here(cfg, args) -> dict:
                 print(evaluation_plan(cfg), file=sys.stderr, flush=True)
             summary["eval"] = tracking.evaluate_and_log(
                 tracker, cfg, trainer.best_model(), trainer.data, result, trainer.best_uri,
-                trainer.endpoint, device=trainer.device)
+                trainer.endpoint, device=trainer.device, page_in=trainer.run_dir)
             if not args.quiet:
                 print(evaluation_words(summary["eval"], len(trainer.data["train"].instruments)),
                       file=sys.stderr, flush=True)
+                print(f"the run's page (scores, swaps to listen to, losses): "
+                      f"{summary['eval']['page']}", file=sys.stderr, flush=True)
     except BaseException as exc:
         tracker.fail(exc)
         raise
@@ -295,6 +330,14 @@ def _train_on_ray(cfg, options: dict, args) -> dict:
     finally:
         if started_ray:          # the local Ray this command started ends with it (no orphans)
             ray.shutdown()
+    if summary.get("eval") and not args.quiet:
+        from tsdsae.evaluate import evaluation_words
+
+        n = len(summary["eval"].get("instruments") or ()) or 2
+        print(evaluation_words(summary["eval"], n), file=sys.stderr, flush=True)
+        if summary["eval"].get("page"):
+            print(f"the run's page (scores, swaps to listen to, losses): "
+                  f"{summary['eval']['page']}", file=sys.stderr, flush=True)
     print(f"results: checkpoints in {summary['run_dir']} (best: {summary['best_checkpoint']})"
           + (f"; MLflow run {summary['mlflow_run_id']} at "
              f"{redact_text(summary['tracking_uri'])}"

@@ -30,6 +30,7 @@ from tsdsae.dataset import Dataset, Split
 from tsdsae.model import fast_cpu
 from tsdsae.model.dsae import DSAE
 from tsdsae.model.layers import normal
+from tsdsae.monitor import TimeLeft
 from tsdsae.train_step import build_optimizer, eval_step, train_step
 
 
@@ -112,6 +113,26 @@ def check_finite(record: dict, run: str, last_good: str | None) -> None:
             f"{run}: training diverged at epoch {record['epoch']} ({bad[0]} = "
             f"{record[bad[0]]}{', and ' + ', '.join(bad[1:3]) if len(bad) > 1 else ''}); "
             f"{kept}; lower optim.lr or check the data for extreme values")
+
+
+def epoch_bar(cfg: RunConfig, initial: int, disable: bool = False) -> tqdm:
+    """The one updating progress line of a run (epochs done of schedule.max_epochs); the time
+    left is tsdsae.monitor.TimeLeft's (stage-aware), not tqdm's average rate."""
+    return tqdm(total=cfg.schedule.max_epochs, initial=initial, disable=disable,
+                desc=f"{cfg.name} [{cfg.schedule.variant}]", unit="epoch", dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} epochs "
+                           "[{elapsed}{postfix}]")
+
+
+def show_epoch(bar: tqdm, record: dict, left: TimeLeft) -> None:
+    """Move `bar` to the end of `record`'s epoch and show its losses and the time left."""
+    bar.n = int(record["epoch"]) + 1
+    terms = [f"stage {record['stage']}"] + [
+        f"{name} {record[key]:.4f}" for name, key in (
+            ("loss", "train_loss"), ("recon", "train_recon"), ("kl_z", "train_kl_z"),
+            ("kl_v", "train_kl_v"), ("val", "val_loss")) if key in record]
+    eta = left.text()
+    bar.set_postfix_str(", ".join(([eta] if eta else []) + terms))
 
 
 class Trainer:
@@ -312,8 +333,8 @@ class Trainer:
         s = self.cfg.schedule
         if resume:
             self.resume()
-        bar = tqdm(total=s.max_epochs, initial=self.epoch, disable=not self.progress,
-                   desc=f"{self.cfg.name} [{s.variant}]", unit="epoch", dynamic_ncols=True)
+        bar = epoch_bar(self.cfg, self.epoch, disable=not self.progress)
+        left = TimeLeft(s.variant, s.switch_epoch, s.max_epochs)
         stopped_early = self.should_stop()
         try:
             while self.epoch < s.max_epochs and not stopped_early:
@@ -327,11 +348,8 @@ class Trainer:
                     self.save(self.last_uri)
                 for cb in self.callbacks:
                     cb(record)
-                bar.update(1)
-                bar.set_postfix(stage=record["stage"], loss=f"{record['train_loss']:.4f}",
-                                recon=f"{record['train_recon']:.4f}",
-                                kl_z=f"{record['train_kl_z']:.4f}",
-                                kl_v=f"{record['train_kl_v']:.4f}", val=f"{record['val_loss']:.4f}")
+                left.update(record)
+                show_epoch(bar, record, left)
         finally:
             bar.close()
         return {"epochs_run": self.epoch, "stopped_early": stopped_early,

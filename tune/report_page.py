@@ -12,104 +12,14 @@ written to `report_files/` beside it for download.
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
-import torch
 
-from tsdsae import features
-
-GRIFFIN_LIM_ITERS = 32
-
-
-def _spectrogram_png(logmel: torch.Tensor, title: str) -> bytes:
-    """PNG bytes of a log-mel (T, F) as an image (time left to right, low mels at the bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(3.6, 1.5))
-    seconds = logmel.shape[0] * features.HOP / features.SAMPLE_RATE
-    ax.imshow(logmel.T.numpy(), origin="lower", aspect="auto", cmap="magma",
-              extent=(0, seconds, 0, logmel.shape[1]), vmin=-12, vmax=float(logmel.max()))
-    ax.set_title(title, fontsize=8)
-    ax.set_xlabel("s", fontsize=7, labelpad=1)
-    ax.set_ylabel("mel", fontsize=7, labelpad=1)
-    ax.tick_params(labelsize=6)
-    fig.tight_layout(pad=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _wav_bytes(audio: torch.Tensor) -> bytes:
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, audio.detach().cpu().float().clamp(-1, 1).numpy(), features.SAMPLE_RATE,
-             format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
-def _data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
-
-
-def example_pair(split, seed: int = 0) -> tuple[int, int]:
-    """Indices (a, b) of two clips of different instruments in a tsdsae.dataset.Split: a of the
-    first instrument present, b of the next; chosen by `seed`. Raises ValueError when the split
-    holds one instrument only."""
-    labels = split.instrument.cpu().numpy()
-    present = sorted(set(labels.tolist()))
-    if len(present) < 2:
-        raise ValueError("the scored split holds clips of one instrument only; a swap pair "
-                         "needs two instruments")
-    rng = np.random.default_rng(seed)
-    a = int(rng.choice(np.flatnonzero(labels == present[0])))
-    b = int(rng.choice(np.flatnonzero(labels == present[1])))
-    return a, b
-
-
-class _Sound:
-    """One row of a pair table: a label in words, WAV bytes, a spectrogram PNG."""
-
-    def __init__(self, label: str, audio: torch.Tensor, logmel: torch.Tensor, file: str):
-        self.label, self.file = label, file
-        self.wav = _wav_bytes(audio)
-        self.png = _spectrogram_png(logmel, label)
-
-
-@torch.no_grad()
-def model_sounds(checkpoint: str, split, a: int, b: int, names: tuple[str, str],
-                 endpoint_url: str | None = None, prefix: str = "") -> list[_Sound]:
-    """Reconstruction of A, global swap decode(z_A, v_B) and local swap decode(z_B, v_A) of one
-    trained model (posterior means; Griffin-Lim audio at 16 kHz)."""
-    from tsdsae import inference
-
-    m = inference.load(checkpoint, endpoint_url=endpoint_url)
-    idx = torch.tensor([a, b])
-    x, mask = split.features[idx], split.mask[idx]
-    enc = m.encode(x, mask)
-    recon = m.decode(enc.z[:1], enc.v[:1], enc.mask[:1])[0]
-    gswap = m.decode(enc.z[:1], enc.v[1:], enc.mask[:1])[0]      # melody of A, instrument of B
-    lswap = m.decode(enc.z[1:], enc.v[:1], enc.mask[1:])[0]      # melody of B, instrument of A
-    name_a, name_b = names
-    out = []
-    for what, feats, label in (
-            ("recon", recon, f"reconstruction of A ({name_a})"),
-            ("global_swap", gswap, f"global swap: melody of A, instrument of B ({name_b})"),
-            ("local_swap", lswap, f"local swap: melody of B, instrument of A ({name_a})")):
-        audio = m.to_audio(feats, n_iter=GRIFFIN_LIM_ITERS)
-        out.append(_Sound(label, audio, feats.cpu(), f"{prefix}{what}.wav"))
-    return out
-
+from tsdsae.run_report import (GRIFFIN_LIM_ITERS, STYLE, Sound, data_uri, example_pair,
+                                load_split, model_sounds, sound_rows)
 
 def _table_html(summary: pd.DataFrame) -> str:
     from tune.report import MODEL_LABEL
@@ -129,49 +39,6 @@ def _table_html(summary: pd.DataFrame) -> str:
             f"<th>optimiser</th>{head}<th>seeds</th></tr>" + "".join(rows) + "</table>")
 
 
-def _sound_rows(sounds: Sequence[_Sound]) -> str:
-    rows = []
-    for s in sounds:
-        rows.append(
-            f"<tr><td class='what'>{html.escape(s.label)}</td>"
-            f"<td><audio controls preload='auto' data-file='{html.escape(s.file)}' "
-            f"src='{_data_uri(s.wav, 'audio/wav')}'></audio><br>"
-            f"<a download='{html.escape(s.file)}' href='report_files/{html.escape(s.file)}'>"
-            f"{html.escape(s.file)}</a></td>"
-            f"<td><img alt='log-mel of {html.escape(s.label)}' "
-            f"src='{_data_uri(s.png, 'image/png')}'></td></tr>")
-    return "<table class='pair'>" + "".join(rows) + "</table>"
-
-
-STYLE = """
-body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-td, th { border: 1px solid #ccc; padding: 4px 8px; font-size: 0.9em; vertical-align: middle; }
-td.what { width: 260px; }
-img.figure { max-width: 100%; border: 1px solid #ddd; }
-.verdict { background: #f4f8f4; border-left: 4px solid #2ca02c; padding: 0.5em 1em; }
-"""
-
-
-def load_split(data_uri: str, split_name: str, endpoint_url: str | None = None,
-               checkpoint: str | None = None):
-    """The scored split of a dataset URI (with audio when stored). For the built-in toy data,
-    the toy settings of `checkpoint`'s run config rebuild the same clips."""
-    if data_uri == "toy":
-        from tsdsae.config import DataConfig
-        from tsdsae.trainer import load_data
-
-        cfg = DataConfig(uri="toy")
-        if checkpoint:
-            from tsdsae import inference
-            cfg = inference.load(checkpoint, endpoint_url=endpoint_url).config.data
-        return load_data(cfg)[split_name]
-    from tsdsae.data import load_dataset
-
-    return load_dataset(data_uri, splits=[split_name], with_audio=True,
-                        endpoint_url=endpoint_url)[split_name]
-
-
 def dataset_section(rows: pd.DataFrame, split, split_name: str, heading: str,
                     files: Path, endpoint_url: str | None = None, seed: int = 0) -> str:
     """HTML of one dataset: the example pair's inputs, then one pair table per (model, z_dim)
@@ -187,10 +54,10 @@ def dataset_section(rows: pd.DataFrame, split, split_name: str, heading: str,
         x, m = split.features[idx], split.mask[idx]
         audio = (split.audio[idx] if split.audio is not None
                  else listen(x[None], m[None], GRIFFIN_LIM_ITERS)[0])
-        inputs.append(_Sound(f"input {tag}: {name} ({split.keys[idx]})", audio, x,
+        inputs.append(Sound(f"input {tag}: {name} ({split.keys[idx]})", audio, x,
                              f"{slug}_input_{tag}.wav"))
     parts = [f"<h2>{html.escape(heading)}: the same pair through every model</h2>",
-             _sound_rows(inputs)]
+             sound_rows(inputs)]
     with_ckpt = rows.dropna(subset=["checkpoint"]) if "checkpoint" in rows else rows.iloc[:0]
     for model in models_in(with_ckpt) if len(with_ckpt) else []:
         for z in sorted(with_ckpt[with_ckpt["model"] == model]["z_dim"].unique()):
@@ -202,7 +69,7 @@ def dataset_section(rows: pd.DataFrame, split, split_name: str, heading: str,
             parts.append(
                 f"<h3>{html.escape(MODEL_LABEL.get(model, model))}, z_dim {z} "
                 f"<small>({html.escape(str(run['optimiser']))}, seed {run['seed']})</small></h3>"
-                + _sound_rows(sounds))
+                + sound_rows(sounds))
             inputs += sounds
     if len(parts) == 2:
         parts.append("<p>No checkpoints were found for these runs.</p>")
@@ -234,7 +101,7 @@ def write_report_page(rows: pd.DataFrame, summary: pd.DataFrame, figures: Sequen
         sections.append(dataset_section(sub, split, split_name, str(sub["dataset"].iloc[0]),
                                         files, endpoint_url, seed))
     figs = "".join(f"<p><img class='figure' alt='robustness figure {html.escape(p.stem)}' "
-                   f"src='{_data_uri(Path(p).read_bytes(), 'image/png')}'></p>" for p in figures)
+                   f"src='{data_uri(Path(p).read_bytes(), 'image/png')}'></p>" for p in figures)
     verdict = "".join(f"<li>{html.escape(line)}</li>" for line in verdict_lines)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>

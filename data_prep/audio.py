@@ -245,14 +245,15 @@ CREPE_FMIN, CREPE_FMAX = 50.0, 2000.0
 
 @torch.no_grad()
 def crepe_confidences(clips: Sequence[np.ndarray], model: str = "full", batch_size: int = 1024,
-                      device: str | None = None) -> list[np.ndarray]:
+                      device: str | None = None, done=None) -> list[np.ndarray]:
     """Per-frame CREPE confidence of several mono 16 kHz clips, 10 ms hop, batched across clips.
 
     Returns one float32 array (1 + S // 160,) per clip: the largest pitch-bin activation between
     CREPE_FMIN and CREPE_FMAX (CREPE's voicing confidence). Frames of all clips share batches of
     `batch_size`, so many short clips cost as few network calls as one long one. Runs on
     `device` (default: the GPU when torch sees one, else the CPU). Uses torchcrepe's bundled
-    weights ('tiny' or 'full'); nothing is downloaded.
+    weights ('tiny' or 'full'); nothing is downloaded. `done(seconds)`, when given, is called
+    after each network call with the seconds of audio (10 ms frames) it covered.
     """
     import torchcrepe
 
@@ -269,6 +270,8 @@ def crepe_confidences(clips: Sequence[np.ndarray], model: str = "full", batch_si
             return
         probs = torchcrepe.infer(torch.cat([f for _, f in pending]), model=model, device=device)
         conf = probs[:, lo:hi].amax(dim=1).cpu().numpy().astype(np.float32)
+        if done is not None:
+            done(len(conf) * CREPE_HOP / features.SAMPLE_RATE)
         start = 0
         for index, frames in pending:
             parts[index].append(conf[start:start + len(frames)])

@@ -290,16 +290,31 @@ def crepe_filter(items: list[dict], cache: Path, model: str, threshold: float,
     names = sorted(by_file)
     chunks = [names[i:i + CREPE_FILES_PER_BATCH]
               for i in range(0, len(names), CREPE_FILES_PER_BATCH)]
+    bar = None
     if progress:
+        import torch
         from tqdm import tqdm
-        chunks = tqdm(chunks, desc=f"CREPE {model}", unit="batch")
+
+        seconds = sum(np.load(cache / _cache_name(rel), mmap_mode="r").shape[0]
+                      for rel in names) / features.SAMPLE_RATE
+        device = "the GPU" if torch.cuda.is_available() else "this CPU"
+        print(f"CREPE {model} confidence filter over {seconds:.0f} s of audio in {len(names)} "
+              f"files on {device}; the time left shows after its first seconds. Faster: "
+              + ("--crepe-model tiny (about 10x), " if model == "full" else "")
+              + "a GPU, or --no-crepe (keeps every segment)", file=sys.stderr, flush=True)
+        bar = tqdm(total=round(seconds, 1), desc=f"CREPE {model}", unit="s audio",
+                   dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                   "{n:.0f}/{total:.0f} s of audio [{elapsed}<{remaining}]")
     for chunk in chunks:
         clips = [np.load(cache / _cache_name(rel), allow_pickle=False) for rel in chunk]
-        for rel, conf in zip(chunk, audio_mod.crepe_confidences(clips, model)):
+        confs = audio_mod.crepe_confidences(clips, model, done=bar.update if bar else None)
+        for rel, conf in zip(chunk, confs):
             for item in by_file[rel]:
                 lo = item["start"] // audio_mod.CREPE_HOP
                 hi = max(lo + 1, (item["start"] + item["valid_samples"]) // audio_mod.CREPE_HOP)
                 item["crepe_confidence"] = round(float(conf[lo:hi].mean()), 4)
+    if bar is not None:
+        bar.close()
     kept = [it for it in items if it["crepe_confidence"] > threshold]
     reasons["segments_skipped:low_crepe_confidence"] += len(items) - len(kept)
     stats = {}

@@ -386,8 +386,12 @@ def test_crepe_kept_fraction_per_label_and_loud_warning(tmp_path, capsys):
     noise = np.random.default_rng(0).uniform(-0.5, 0.5, 4 * 16_000).astype(np.float32)
     sf.write(root / "hiss" / "noise.wav", noise, 16_000)
     code, out, err = run_cli([str(root), str(tmp_path / "ds"), "--crepe-model", "tiny",
-                              "--fractions", "1,0,0", "--no-progress"], capsys)
+                              "--fractions", "1,0,0"], capsys)
     assert code == 0, err
+    # Said up front, then progress in seconds of audio (not batches of files).
+    assert ("CREPE tiny confidence filter over 8 s of audio in 2 files on this CPU" in err
+            and "--no-crepe" in err)
+    assert "8/8 s of audio" in err.replace("\r", "\n")
     report = json.loads((tmp_path / "ds" / "dataset.json").read_text())["report"]
     assert report["crepe"]["model"] == "tiny"
     assert report["crepe"]["labels"] == {

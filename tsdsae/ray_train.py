@@ -77,8 +77,8 @@ class RayOptions:
     parent_run_id    MLflow run to nest this run's run under (a sweep's run)
     evaluate         evaluate the best checkpoint and log it at the end
     keep_checkpoints Ray checkpoints kept per stage (the latest is always kept)
-    progress         show the run's progress line (time left) and warnings on the driver's
-                     console (RunWatcher); the collapse tag is set either way
+    progress         show the run's progress line (time left) on the driver's console
+                     (RunWatcher); a collapse warning is printed and tagged either way
     page             with evaluate: also write the run's page (tsdsae.tracking.write_page)
     """
 
@@ -559,7 +559,7 @@ class RunWatcher:
     """The driver's view of a Ray run while its stage jobs train: a thread that reads the run
     folder's progress.json every `every` seconds and feeds each new epoch record to the progress
     line (tsdsae.trainer.epoch_bar, with tsdsae.monitor.TimeLeft; when `show`) and to
-    tsdsae.monitor.CollapseWatch, whose warning is printed (when `show`) and tagged on `tracker`.
+    tsdsae.monitor.CollapseWatch, whose warning is printed and tagged on `tracker`.
     Use as a context manager; the last records are read once more on exit."""
 
     def __init__(self, cfg: RunConfig, location: str, tracker: tracking.Tracker,
@@ -580,26 +580,30 @@ class RunWatcher:
 
     def poll(self) -> None:
         """Read progress.json once and take in the epochs not seen yet."""
+        from tsdsae.storage import StorageError
         from tsdsae.trainer import epoch_bar, show_epoch
 
         try:
             records = json.loads(self.store.read_bytes(PROGRESS_FILE))["records"]
-        except (OSError, ValueError, KeyError, TypeError):   # not written yet, or mid-write
-            return
-        for record in records:
-            if not isinstance(record, dict) or int(record.get("epoch", -1)) <= self.seen:
+        except (OSError, StorageError, ValueError, KeyError, TypeError):
+            return     # not written yet, being replaced, or storage briefly unreachable: later
+        for record in records if isinstance(records, list) else []:
+            try:
+                if int(record["epoch"]) <= self.seen:
+                    continue
+                self.left.update(record)
+                warning = self.watch(record)
+            except (KeyError, TypeError, ValueError):      # not an epoch record: skipped
                 continue
             self.seen = int(record["epoch"])
-            self.left.update(record)
-            warning = self.watch(record)
             if self.show:
                 if self.bar is None:
                     self.bar = epoch_bar(self.cfg, self.seen)
                 show_epoch(self.bar, record, self.left)
             if warning:
-                if self.show:
-                    from tqdm.auto import tqdm
-                    tqdm.write(warning, file=sys.stderr)
+                from tqdm.auto import tqdm
+
+                tqdm.write(warning, file=sys.stderr)
                 self.tracker.set_tags(self.watch.tags())
 
     def _run(self) -> None:

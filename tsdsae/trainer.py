@@ -127,7 +127,7 @@ def epoch_bar(cfg: RunConfig, initial: int, disable: bool = False) -> tqdm:
 def show_epoch(bar: tqdm, record: dict, left: TimeLeft) -> None:
     """Move `bar` to the end of `record`'s epoch and show its losses and the time left."""
     bar.n = int(record["epoch"]) + 1
-    terms = [f"stage {record['stage']}"] + [
+    terms = [f"stage {record.get('stage', '?')}"] + [
         f"{name} {record[key]:.4f}" for name, key in (
             ("loss", "train_loss"), ("recon", "train_recon"), ("kl_z", "train_kl_z"),
             ("kl_v", "train_kl_v"), ("val", "val_loss")) if key in record]

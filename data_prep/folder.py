@@ -295,14 +295,16 @@ def crepe_filter(items: list[dict], cache: Path, model: str, threshold: float,
         import torch
         from tqdm import tqdm
 
-        seconds = sum(np.load(cache / _cache_name(rel), mmap_mode="r").shape[0]
-                      for rel in names) / features.SAMPLE_RATE
+        # CREPE's frames (1 + S // hop a file, 10 ms each): what its progress counts
+        seconds = sum(1 + np.load(cache / _cache_name(rel), mmap_mode="r").shape[0]
+                      // audio_mod.CREPE_HOP for rel in names) * audio_mod.CREPE_HOP \
+            / features.SAMPLE_RATE
         device = "the GPU" if torch.cuda.is_available() else "this CPU"
         print(f"CREPE {model} confidence filter over {seconds:.0f} s of audio in {len(names)} "
               f"files on {device}; the time left shows after its first seconds. Faster: "
               + ("--crepe-model tiny (about 10x), " if model == "full" else "")
               + "a GPU, or --no-crepe (keeps every segment)", file=sys.stderr, flush=True)
-        bar = tqdm(total=round(seconds, 1), desc=f"CREPE {model}", unit="s audio",
+        bar = tqdm(total=seconds, desc=f"CREPE {model}", unit="s audio",
                    dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| "
                    "{n:.0f}/{total:.0f} s of audio [{elapsed}<{remaining}]")
     for chunk in chunks:

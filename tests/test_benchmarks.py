@@ -72,3 +72,35 @@ def test_eval_rate_times_each_part_of_a_fresh_toy_runs_evaluation():
     total = rows[-1]
     assert total["seconds"] == pytest.approx(sum(r["seconds"] for r in rows[:-1]), abs=0.05)
     assert total["pitch_clips"] == 2 and 0 <= total["gswap"] <= 1
+
+
+def test_budget_ladder_trains_from_a_pack_at_budgets_in_steps(tmp_path):
+    """A toy dataset through --pack-to's file format and back (float16 features), then one
+    TS-DSAE and one DSAE run at a budget of 2 + 2 steps (88 training clips: one step an epoch)."""
+    import budget_ladder
+    import torch
+
+    from tsdsae.toy import make_toy_dataset
+
+    data = make_toy_dataset(128, 0.5, 4, seed=1)
+    pack = tmp_path / "toy.npz"
+    budget_ladder.write_pack(data, str(pack))
+    again = budget_ladder.read_pack(str(pack), "toy")
+    for split in data.splits:
+        a, b = data[split], again[split]
+        assert torch.allclose(a.features, b.features, atol=2e-2) and torch.equal(a.mask, b.mask)
+        assert a.keys == b.keys and torch.equal(a.instrument, b.instrument)
+    assert again["train"].instruments == data["train"].instruments
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "budget_ladder.py"),
+                          "--pack", str(pack), "--budgets", "2:2", "--seeds", "3", "--models",
+                          "ts_dsae", "dsae", "--z-dim", "8", "--threads", "1",
+                          "--out", str(tmp_path / "ladder")],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    n_train = len(data["train"])
+    per_epoch = -(-n_train // 128)
+    assert [r["model"] for r in rows] == ["ts_dsae", "dsae"]
+    for r in rows:
+        assert r["switch_epoch"] == 2 // per_epoch and r["epochs"] == 4 // per_epoch
+        assert 0 <= r["gswap"] <= 1 and len(r["gswap_confusion"]) == 4
+        assert (tmp_path / "ladder" / "runs" / f"{r['model']}-z8-s3-2-2" / "best.pt").is_file()

@@ -635,6 +635,10 @@ def run_sweep(args) -> dict:
     split = scored_split(rows) or "test"
     summary = summarise(rows)
     lines = verdict(summary)
+    if grid.name == "smoke":
+        lines.insert(0, "the smoke grid is a plumbing check (every model for a few epochs on "
+                        "tiny data): its scores say nothing about the models; --grid quick or "
+                        "paper measures them")
     print("writing the report page (the example swaps of every model) ...", flush=True)
     paths["report_html"] = write_report_page(
         rows, summary, [p for k, p in paths.items() if k.startswith("figure:")], out_dir,

@@ -69,3 +69,19 @@ def test_the_cli_says_which_split_it_scores(checkpoint_path, capsys):
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["split"] == "val" and "scoring the val split" in captured.err
     assert f"({result['n_eval']} clips" in captured.err
+
+
+def test_evaluation_words_name_chance_for_k_and_a_v_that_carries_nothing():
+    from tsdsae.evaluate import evaluation_words
+
+    ok = evaluation_words({"split": "test", "pre_swap": 1.0, "gswap": 0.97, "lswap": 0.96,
+                           "gswap_confusion": [[30, 1, 0, 0], [0, 29, 0, 0], [0, 0, 31, 2],
+                                               [0, 0, 0, 30]]}, 4)
+    assert "chance 0.25 for 4 instruments" in ok and "v carries the instrument" in ok
+    # One column: the LDA hears one instrument in every swap, whatever the F1 says.
+    one = evaluation_words({"pre_swap": 0.33, "gswap": 0.33, "lswap": 0.33,
+                            "gswap_confusion": [[0, 19], [0, 19]]}, 2)
+    assert "v carries nothing" in one and "chance 0.50 for 2 instruments" in one
+    collapsed = evaluation_words({"pre_swap": 0.8, "gswap": 0.05, "lswap": 0.07,
+                                  "gswap_confusion": [[1, 21], [20, 2]]}, 2)
+    assert "the global latent collapsed" in collapsed

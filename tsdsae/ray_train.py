@@ -746,6 +746,9 @@ def _evaluate_best(cfg: RunConfig, summary: dict, tracker: tracking.Tracker,
     PNG and the checkpoint file; the run's page in `page_in` when given."""
     from tsdsae.model.dsae import DSAE
 
+    from tsdsae.evaluate import evaluation_plan
+
+    logger.info("%s: %s", cfg.name, evaluation_plan(cfg))
     endpoint = cfg.data.endpoint_url or None
     state = checkpoint.load(summary["best_checkpoint"], "cpu", endpoint)
     model = DSAE(cfg.model)

@@ -218,13 +218,13 @@ def require_splits(cfg) -> None:
                 f"{split} fraction (e.g. --fractions 0.8,0.2,0.0) or more audio per label")
 
 
-def evaluation_plan(cfg) -> str:
-    """The line printed before the end-of-run evaluation: what it computes."""
-    e = cfg.eval
-    pitch = (f", CREPE {e.crepe_model} pitch accuracy on {e.pitch_clips or 'all'} "
-             f"{e.split} clips" if e.pitch else "")
-    return (f"evaluating the best checkpoint: LDA on v (fitted on train) scored on {e.split}"
-            f"{' and val' if e.split != 'val' else ''}{pitch}, figures...")
+class TqdmHandler(logging.Handler):
+    """Log lines above the progress line (tqdm.write on stderr), not glued to its end."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
 
 
 def collapse_callback(cfg, tracker):
@@ -247,7 +247,7 @@ def collapse_callback(cfg, tracker):
 def _train_here(cfg, args) -> dict:
     """Single process: tsdsae.trainer.Trainer, with the tracker as its epoch callback."""
     from tsdsae import tracking
-    from tsdsae.evaluate import evaluation_words
+    from tsdsae.evaluate import evaluation_plan, evaluation_words
     from tsdsae.ray_train import configure_device
     from tsdsae.train_step import keep_freed_memory
     from tsdsae.trainer import Trainer
@@ -317,7 +317,7 @@ def _train_on_ray(cfg, options: dict, args) -> dict:
         print(f"Ray's logs (workers, Train controller): {ray_log_dir()}", file=sys.stderr,
               flush=True)
     if not args.quiet:    # one line per finished stage (tsdsae.ray_train's driver)
-        handler = logging.StreamHandler(sys.stderr)
+        handler = TqdmHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logging.getLogger("tsdsae").addHandler(handler)
         logging.getLogger("tsdsae").setLevel(logging.INFO)

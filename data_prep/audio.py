@@ -301,6 +301,18 @@ def crepe_confidence(audio: np.ndarray, model: str = "full", batch_size: int = 1
 # --- clips to shard payloads ----------------------------------------------------------------------
 
 
+def featurise_rendered(raw: np.ndarray, items: Sequence[dict], font) -> tuple[np.ndarray,
+                                                                            np.ndarray]:
+    """`featurise` of FluidSynth renders (N, S) of `items` (dicts with "key" and "program"),
+    after refusing a silent one: RenderError naming the clip, its program and the soundfont."""
+    peaks = np.abs(raw).max(axis=1)
+    if (peaks < SILENCE_PEAK).any():
+        bad = items[int(np.argmax(peaks < SILENCE_PEAK))]
+        raise RenderError(f"{bad['key']} rendered as silence with program {bad['program']} "
+                          f"from {font}; the soundfont may lack that General MIDI program")
+    return featurise(raw)
+
+
 def featurise(audio: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(N, S) float audio -> (int16 (N, S) peak-normalised PCM, float32 (N, T, 80) log-mel).
 

@@ -242,13 +242,7 @@ def prepare_dmelodies(output_uri: str, *, n_clips: int = 3600, seed: int = 0,
                      for it in batch]
             rendered.append(audio_mod.render_clips(clips, font, gain=gain, reverb=reverb))
         raw = np.concatenate(rendered)
-        peaks = np.abs(raw).max(axis=1)
-        if (peaks < audio_mod.SILENCE_PEAK).any():
-            bad = task.items[int(np.argmax(peaks < audio_mod.SILENCE_PEAK))]
-            raise audio_mod.RenderError(
-                f"{bad['key']} rendered as silence with program {bad['program']} from {font}; "
-                "the soundfont may lack that General MIDI program")
-        pcm, feats = audio_mod.featurise(raw)
+        pcm, feats = audio_mod.featurise_rendered(raw, task.items, font)
         frames = feats.shape[1]
         samples = []
         for item, a, f in zip(task.items, pcm, feats):
@@ -271,6 +265,22 @@ def _optional(value: str) -> str | None:
     return None if value.lower() in ("any", "none", "all") else value
 
 
+def add_render_options(p: argparse.ArgumentParser, render_batch: int) -> None:
+    """The options every rendering prep shares (data_prep.dmelodies, data_prep.varied): shard
+    size, soundfont, gain, FluidSynth batch, workers, endpoint, overwrite, progress."""
+    p.add_argument("--samples-per-shard", type=int, default=256)
+    p.add_argument("--soundfont", default=None,
+                   help="soundfont path (default: MuseScore General, found automatically)")
+    p.add_argument("--gain", type=float, default=0.5, help="FluidSynth gain")
+    p.add_argument("--render-batch", type=int, default=render_batch,
+                   help="clips per FluidSynth call")
+    p.add_argument("--workers", type=int, default=2, help="shards rendered in parallel")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset made with other parameters at the output")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
 @cli_main
 def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(
@@ -291,17 +301,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--fractions", default=None,
                    help="train,val,test fractions (default: 4/6, 1/6, 1/6, i.e. 2,400 / 600 / 600 "
                         "of 3,600 clips)")
-    p.add_argument("--samples-per-shard", type=int, default=256)
-    p.add_argument("--soundfont", default=None,
-                   help="soundfont path (default: MuseScore General, found automatically)")
-    p.add_argument("--gain", type=float, default=0.5, help="FluidSynth gain")
     p.add_argument("--reverb", action="store_true", help="render with FluidSynth reverb/chorus")
-    p.add_argument("--render-batch", type=int, default=128, help="clips per FluidSynth call")
-    p.add_argument("--workers", type=int, default=2, help="shards rendered in parallel")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a dataset made with other parameters at the output")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_render_options(p, render_batch=128)
     args = p.parse_args(argv)
     manifest = prepare_dmelodies(
         args.output, n_clips=args.n_clips, seed=args.seed,

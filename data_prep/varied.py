@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from data_prep import audio as audio_mod
-from data_prep.dmelodies import DEFAULT_FRACTIONS, parse_instruments
+from data_prep.dmelodies import DEFAULT_FRACTIONS, add_render_options, parse_instruments
 from data_prep.shards import Sample, ShardTask, build_dataset, parse_fractions, stratified_split
 from tsdsae import features
 from tsdsae.cli import cli_main, exit_status
@@ -135,13 +135,7 @@ def prepare_varied(output_uri: str, *, n_clips: int = 1200, seed: int = 0,
                                         tuple(tuple(n) for n in task.items[k]["notes"]),
                                         modulation=task.items[k]["vibrato"]) for k in part]
                 raw[part] = audio_mod.render_clips(clips, font, gain=gain, reverb=reverb)
-        peaks = np.abs(raw).max(axis=1)
-        if (peaks < audio_mod.SILENCE_PEAK).any():
-            bad = task.items[int(np.argmax(peaks < audio_mod.SILENCE_PEAK))]
-            raise audio_mod.RenderError(
-                f"{bad['key']} rendered as silence with program {bad['program']} from {font}; "
-                "the soundfont may lack that General MIDI program")
-        pcm, feats = audio_mod.featurise(raw)
+        pcm, feats = audio_mod.featurise_rendered(raw, task.items, font)
         frames = feats.shape[1]
         samples = []
         for item, a, f in zip(task.items, pcm, feats):
@@ -172,16 +166,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                         f"(default: {', '.join(DEFAULT_INSTRUMENTS)})")
     p.add_argument("--fractions", default=None,
                    help="train,val,test fractions (default: 4/6, 1/6, 1/6)")
-    p.add_argument("--samples-per-shard", type=int, default=256)
-    p.add_argument("--soundfont", default=None,
-                   help="soundfont path (default: MuseScore General, found automatically)")
-    p.add_argument("--gain", type=float, default=0.5, help="FluidSynth gain")
-    p.add_argument("--render-batch", type=int, default=64, help="clips per FluidSynth call")
-    p.add_argument("--workers", type=int, default=2, help="shards rendered in parallel")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a dataset made with other parameters at the output")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_render_options(p, render_batch=64)
     args = p.parse_args(argv)
     manifest = prepare_varied(
         args.output, n_clips=args.n_clips, seed=args.seed,

@@ -115,6 +115,21 @@ def model_sounds(checkpoint: str, split, a: int, b: int, names: tuple[str, str],
     return out
 
 
+def input_sounds(split, a: int, b: int, names: tuple[str, str], prefix: str = "") -> list[Sound]:
+    """The pair's inputs A and B as sounds: the stored recordings, or Griffin-Lim of their
+    features where the split holds no audio; files `{prefix}input_A.wav` / `..._B.wav`."""
+    from tsdsae.evaluate import listen
+
+    out = []
+    for idx, tag, name in ((a, "A", names[0]), (b, "B", names[1])):
+        x, mask = split.features[idx], split.mask[idx]
+        audio = (split.audio[idx] if split.audio is not None
+                 else listen(x[None], mask[None], GRIFFIN_LIM_ITERS)[0])
+        out.append(Sound(f"input {tag}: {name} ({split.keys[idx]})", audio, x,
+                         f"{prefix}input_{tag}.wav"))
+    return out
+
+
 def sound_rows(sounds: Sequence[Sound]) -> str:
     rows = []
     for s in sounds:
@@ -262,7 +277,7 @@ def write_run_page(checkpoint: str, split, split_name: str, scores: Mapping, out
     gswap_confusion and instruments). Raises ValueError when the split holds one instrument."""
     from tsdsae import checkpoint as ckpt
     from tsdsae import inference
-    from tsdsae.evaluate import evaluation_words, listen
+    from tsdsae.evaluate import evaluation_words
     from tsdsae.figures import v_projection
 
     out = Path(out_dir)
@@ -279,13 +294,7 @@ def write_run_page(checkpoint: str, split, split_name: str, scores: Mapping, out
     names = list(scores.get("instruments") or split.instruments)
     a, b = example_pair(split, seed)
     pair_names = (names[int(split.instrument[a])], names[int(split.instrument[b])])
-    inputs = []
-    for idx, tag, name in ((a, "A", pair_names[0]), (b, "B", pair_names[1])):
-        x, mask = split.features[idx], split.mask[idx]
-        audio = (split.audio[idx] if split.audio is not None
-                 else listen(x[None], mask[None], GRIFFIN_LIM_ITERS)[0])
-        inputs.append(Sound(f"input {tag}: {name} ({split.keys[idx]})", audio, x,
-                            f"input_{tag}.wav"))
+    inputs = input_sounds(split, a, b, pair_names)
     pair = model_sounds(checkpoint, split, a, b, pair_names, endpoint_url)
     matrix, matrix_sounds = swap_matrix(checkpoint, split,
                                         one_clip_per_instrument(split, seed=seed), endpoint_url)

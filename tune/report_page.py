@@ -18,8 +18,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from tsdsae.run_report import (GRIFFIN_LIM_ITERS, STYLE, Sound, data_uri, example_pair,
-                                load_split, model_sounds, sound_rows)
+from tsdsae.run_report import (STYLE, data_uri, example_pair, input_sounds, load_split,
+                                model_sounds, sound_rows)
 
 def _table_html(summary: pd.DataFrame) -> str:
     from tune.report import MODEL_LABEL
@@ -43,19 +43,12 @@ def dataset_section(rows: pd.DataFrame, split, split_name: str, heading: str,
                     files: Path, endpoint_url: str | None = None, seed: int = 0) -> str:
     """HTML of one dataset: the example pair's inputs, then one pair table per (model, z_dim)
     (the first optimiser and seed of that cell that has a checkpoint). WAVs go to `files`."""
-    from tsdsae.evaluate import listen
     from tune.report import MODEL_LABEL, models_in
 
     a, b = example_pair(split, seed)
     names = (split.instruments[int(split.instrument[a])], split.instruments[int(split.instrument[b])])
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in heading)
-    inputs = []
-    for idx, tag, name in ((a, "A", names[0]), (b, "B", names[1])):
-        x, m = split.features[idx], split.mask[idx]
-        audio = (split.audio[idx] if split.audio is not None
-                 else listen(x[None], m[None], GRIFFIN_LIM_ITERS)[0])
-        inputs.append(Sound(f"input {tag}: {name} ({split.keys[idx]})", audio, x,
-                             f"{slug}_input_{tag}.wav"))
+    inputs = input_sounds(split, a, b, names, f"{slug}_")
     parts = [f"<h2>{html.escape(heading)}: the same pair through every model</h2>",
              sound_rows(inputs)]
     with_ckpt = rows.dropna(subset=["checkpoint"]) if "checkpoint" in rows else rows.iloc[:0]

@@ -132,10 +132,11 @@ class CollapseWatch:
         if float(kl_v) >= self.threshold:
             self.low.clear()
             return None
-        self.low.append((epoch, float(kl_v), float(recon)))
+        keep = self.low[max(0, len(self.low) - self.patience + 1):]      # the last patience
+        self.low = [*keep, (epoch, float(kl_v), float(recon))]
         if len(self.low) < self.patience:
             return None
-        first, last = self.low[-self.patience], self.low[-1]
+        first, last = self.low[0], self.low[-1]
         if not last[2] < first[2]:                 # the reconstruction stopped improving too
             return None
         self.epoch = epoch

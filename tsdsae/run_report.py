@@ -91,13 +91,11 @@ class Sound:
 
 
 @torch.no_grad()
-def model_sounds(checkpoint: str, split, a: int, b: int, names: tuple[str, str],
-                 endpoint_url: str | None = None, prefix: str = "") -> list[Sound]:
+def model_sounds(m, split, a: int, b: int, names: tuple[str, str],
+                 prefix: str = "") -> list[Sound]:
     """Reconstruction of A, global swap decode(z_A, v_B) and local swap decode(z_B, v_A) of one
-    trained model (posterior means; Griffin-Lim audio at 16 kHz)."""
-    from tsdsae import inference
-
-    m = inference.load(checkpoint, endpoint_url=endpoint_url)
+    trained model `m` (a tsdsae.inference.InferenceModel; posterior means; Griffin-Lim audio at
+    16 kHz)."""
     idx = torch.tensor([a, b])
     x, mask = split.features[idx], split.mask[idx]
     enc = m.encode(x, mask)
@@ -241,14 +239,10 @@ def one_clip_per_instrument(split, limit: int = MATRIX_INSTRUMENTS, seed: int = 
 
 
 @torch.no_grad()
-def swap_matrix(checkpoint: str, split, clips: Sequence[int], endpoint_url: str | None = None
-                ) -> tuple[str, list[Sound]]:
-    """HTML of a swap matrix: cell (r, c) plays decode(z_r, v_c), the melody of clip r with the
-    global latent of clip c (the diagonal is the reconstruction). Returns the table and its
-    sounds (for the WAV files)."""
-    from tsdsae import inference
-
-    m = inference.load(checkpoint, endpoint_url=endpoint_url)
+def swap_matrix(m, split, clips: Sequence[int]) -> tuple[str, list[Sound]]:
+    """HTML of a swap matrix of model `m` (a tsdsae.inference.InferenceModel): cell (r, c)
+    plays decode(z_r, v_c), the melody of clip r with the global latent of clip c (the diagonal
+    is the reconstruction). Returns the table and its sounds (for the WAV files)."""
     idx = torch.tensor(list(clips))
     enc = m.encode(split.features[idx], split.mask[idx])
     names = [split.instruments[int(split.instrument[i])] for i in clips]
@@ -283,21 +277,19 @@ def write_run_page(checkpoint: str, split, split_name: str, scores: Mapping, out
     out = Path(out_dir)
     files = out / "report_files"
     files.mkdir(parents=True, exist_ok=True)
-    state = ckpt.load(checkpoint, endpoint_url=endpoint_url)
-    last = checkpoint.rsplit("/", 1)[0] + "/last.pt" if "/" in checkpoint else "last.pt"
-    if ckpt.exists(last, endpoint_url):
-        history = ckpt.load(last, endpoint_url=endpoint_url).get("history") or state["history"]
-    else:
-        history = state.get("history") or []
-    m = inference.load(checkpoint, endpoint_url=endpoint_url)
+    state = ckpt.load(checkpoint, endpoint_url=endpoint_url)          # read once
+    m = inference.InferenceModel(*inference.model_from_state(state, checkpoint))
     cfg = m.config
+    last = checkpoint.rsplit("/", 1)[0] + "/last.pt" if "/" in checkpoint else "last.pt"
+    history = state.get("history") or []
+    if ckpt.exists(last, endpoint_url):            # the whole run, not only up to the best epoch
+        history = ckpt.load(last, endpoint_url=endpoint_url).get("history") or history
     names = list(scores.get("instruments") or split.instruments)
     a, b = example_pair(split, seed)
     pair_names = (names[int(split.instrument[a])], names[int(split.instrument[b])])
     inputs = input_sounds(split, a, b, pair_names)
-    pair = model_sounds(checkpoint, split, a, b, pair_names, endpoint_url)
-    matrix, matrix_sounds = swap_matrix(checkpoint, split,
-                                        one_clip_per_instrument(split, seed=seed), endpoint_url)
+    pair = model_sounds(m, split, a, b, pair_names)
+    matrix, matrix_sounds = swap_matrix(m, split, one_clip_per_instrument(split, seed=seed))
     for s in inputs + pair + matrix_sounds:
         (files / s.file).write_bytes(s.wav)
     with tempfile.TemporaryDirectory() as tmp:

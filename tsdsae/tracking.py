@@ -378,26 +378,21 @@ def evaluate_and_log(tracker: Tracker, cfg: RunConfig, model, data, result: Mapp
 
 def write_page(tracker: Tracker, run_dir: str, checkpoint_uri: str, split, split_name: str,
                scores: Mapping[str, Any], endpoint_url: str | None = None) -> str:
-    """The run's page (tsdsae.run_report.write_run_page) in `run_dir`/report/ (a local folder,
-    or uploaded there for an s3:// run folder), logged to the run's MLflow run under report/.
-    Returns the page's location."""
+    """The run's page (tsdsae.run_report.write_run_page) with its scores.json and WAVs, written
+    to `run_dir`/report/ through tsdsae.storage (a local folder or s3://) and logged to the
+    run's MLflow run under report/. Returns the page's location."""
     from tsdsae.run_report import write_run_page
     from tsdsae.storage import open_store
 
-    if "://" not in run_dir:
-        path = write_run_page(checkpoint_uri, split, split_name, scores,
-                              Path(run_dir) / "report", endpoint_url)
-        tracker.log_artifact(path, "report")
-        tracker.log_artifact(path.parent / "scores.json", "report")
-        return str(path)
+    store = open_store(f"{run_dir.rstrip('/')}/report", endpoint_url)
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_run_page(checkpoint_uri, split, split_name, scores, tmp, endpoint_url)
-        tracker.log_artifact(path, "report")
-        tracker.log_artifact(Path(tmp) / "scores.json", "report")
-        store = open_store(f"{run_dir.rstrip('/')}/report", endpoint_url)
-        store.write_bytes("report.html", path.read_bytes())
-        store.write_bytes("scores.json", (Path(tmp) / "scores.json").read_bytes())
-        return store.url("report.html")
+        page = write_run_page(checkpoint_uri, split, split_name, scores, tmp, endpoint_url)
+        for name in ("report.html", "scores.json"):
+            tracker.log_artifact(Path(tmp) / name, "report")
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file():
+                store.upload_file(path, path.relative_to(tmp).as_posix())
+    return store.url(page.name)
 
 
 def log_final(tracker: Tracker, model, data, scores: Mapping[str, Any],

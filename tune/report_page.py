@@ -43,6 +43,7 @@ def dataset_section(rows: pd.DataFrame, split, split_name: str, heading: str,
                     files: Path, endpoint_url: str | None = None, seed: int = 0) -> str:
     """HTML of one dataset: the example pair's inputs, then one pair table per (model, z_dim)
     (the first optimiser and seed of that cell that has a checkpoint). WAVs go to `files`."""
+    from tsdsae import inference
     from tune.report import MODEL_LABEL, models_in
 
     a, b = example_pair(split, seed)
@@ -57,8 +58,8 @@ def dataset_section(rows: pd.DataFrame, split, split_name: str, heading: str,
             run = with_ckpt[(with_ckpt["model"] == model) & (with_ckpt["z_dim"] == z)].sort_values(
                 ["optimiser", "seed"]).iloc[0]
             prefix = f"{slug}_{model}-z{z}-{run['optimiser']}-s{run['seed']}_"
-            sounds = model_sounds(str(run["checkpoint"]), split, a, b, names, endpoint_url,
-                                  prefix)
+            trained = inference.load(str(run["checkpoint"]), endpoint_url=endpoint_url)
+            sounds = model_sounds(trained, split, a, b, names, prefix)
             parts.append(
                 f"<h3>{html.escape(MODEL_LABEL.get(model, model))}, z_dim {z} "
                 f"<small>({html.escape(str(run['optimiser']))}, seed {run['seed']})</small></h3>"

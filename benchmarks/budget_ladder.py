@@ -108,7 +108,7 @@ def main(argv=None) -> int:
                 trainer = Trainer(cfg, data=data, progress=False)
                 result = trainer.fit(resume=False)
                 seconds = time.perf_counter() - t0
-                best = trainer.best_model()
+                best = trainer.run.best_model()
                 test = evaluate(best, data, "test", device=trainer.device)
                 val = evaluate(best, data, "val", device=trainer.device)
                 print(json.dumps({

@@ -1,12 +1,12 @@
-"""Throughput of packed trials (tsdsae.packed_train) against one trial at a time.
+"""Throughput of a trainer of K runs (tsdsae.trainer.Trainer) against one run at a time.
 
     python benchmarks/packed_rate.py [--device cpu|cuda] [--packs 1 2 4 8 16 32]
                                      [--models dsae:1 ts_dsae:2] [--z-dim 32] [--batch 128]
                                      [--frames 251] [--threads N] [--steps 5] [--rounds 3]
 
-For each model/stage and each pack size K, one JSON line: the packed step (K members, each its
-own batch of `--batch` clips; PackedTrainer.step: forward, per-member losses, backward,
-PackedAdam; on CPU the member passes, on a GPU the fused pass) as steps/s and
+For each model/stage and each pack size K, one JSON line: the packed step (K runs of one
+trainer, each its own batch of `--batch` clips, each run's own training step in turn: the
+trainer's pass, loss, backward and Adam) as steps/s and
 trial_steps_per_s = K x steps/s, beside the unpacked single-trial step (the trainer's pass,
 benchmarks/step_rate.py) timed in the same process in alternating rounds on equal work:
 ratio = the median over rounds of K x packed steps/s / single steps/s (>= 1: packing beats
@@ -46,28 +46,32 @@ def synthetic_data(batch: int, frames: int) -> Dataset:
 
 def packed_step(variant: str, stage: int, z_dim: int, k: int, batch: int, frames: int,
                 device: torch.device):
-    """A closure running one packed training step of K members of `variant` in `stage`."""
-    from tsdsae.packed_train import PackedTrainer
+    """A closure running one step of each of K runs of `variant` in `stage` (one trainer)."""
+    from tsdsae.train_step import train_step
+    from tsdsae.trainer import Trainer
 
     cfgs = [apply_overrides(paper(), {"name": f"m{i}", "seed": i, "model.z_dim": z_dim,
                                       "schedule.variant": variant, "schedule.switch_epoch": 1,
                                       "optim.batch_size": batch, "checkpoint.root": "/nonexistent"})
             for i in range(k)]
-    trainer = PackedTrainer(cfgs, data=synthetic_data(batch, frames), device=device)
-    plans = trainer.prepare_epoch(0)
+    trainer = Trainer(cfgs, data=synthetic_data(batch, frames), device=device, progress=False,
+                      save=False)
+    plans = [run.prepare_epoch(0) for run in trainer.runs]
     if stage == 2:
-        plans = trainer.prepare_epoch(1)
+        plans = [run.prepare_epoch(1) for run in trainer.runs]
     if plans[0].stage != stage:
         raise ValueError(f"{variant} has no stage {stage}")
-    for i, cfg in enumerate(cfgs):
-        trainer.generators[i].manual_seed(i)
-    idx = torch.arange(batch, device=device).repeat(k, 1)               # (K, B)
-    flat = idx.reshape(-1)
-    x, mask = trainer.train_split.features[flat], trainer.train_split.mask[flat]
-    prior = trainer.v_prior("train", idx, plans)
+    split = trainer.splits["train"]
+    idx = torch.arange(batch, device=device)
+    x, mask = split.features[idx], split.mask[idx]
+    priors = [run.prior_cache["train"](idx) if plan.informed_prior else None
+              for run, plan in zip(trainer.runs, plans)]
 
     def step():
-        return trainer.step(x, mask, plans, prior)
+        terms = [train_step(run.step_model, run.optimizer, x, mask, plan, (1, 1, 1, 1), prior,
+                            core=run.model, masked_kl=run.passes.masked_kl)
+                 for run, plan, prior in zip(trainer.runs, plans, priors)]
+        return {"loss": torch.stack([t["loss"] for t in terms])}
 
     return step
 

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from tsdsae import schedule  # noqa: E402
 from tsdsae.config import ModelConfig, VARIANTS  # noqa: E402
 from tsdsae.model import DSAE, fast_cpu  # noqa: E402
+from tsdsae.losses import masked_kl_mean  # noqa: E402
 from tsdsae.train_step import build_optimizer, keep_freed_memory, train_step  # noqa: E402
 from tsdsae.trainer import PriorCache  # noqa: E402
 from tsdsae.dataset import Split  # noqa: E402
@@ -46,7 +47,7 @@ def setup_step(variant: str, stage: int, z_dim: int, batch: int, frames: int,
                device: torch.device, rank: int = 0, world_size: int = 1, wrap=None,
                plain: bool = False):
     """A closure running one training step on this rank's part of a fixed global batch.
-    The pass is the trainer's (tsdsae.model.fast_cpu.for_device), or the plain model when
+    The pass is the trainer's (tsdsae.model.fast_cpu.training_pass), or the plain model when
     `plain`; `wrap(module)` gives the module the step runs (a DDP wrapper under Ray)."""
     torch.manual_seed(0)
     model = DSAE(ModelConfig(z_dim=z_dim)).to(device)
@@ -69,11 +70,13 @@ def setup_step(variant: str, stage: int, z_dim: int, batch: int, frames: int,
                       torch.zeros(n, frames, dtype=torch.long, device=device),
                       [str(i) for i in range(n)], ("a",))
         prior = PriorCache(model, split)(torch.arange(n, device=device))
-    runner = model if plain else fast_cpu.for_device(model, device)
-    step_model = wrap(runner) if wrap is not None else runner
+    passes = (fast_cpu.TrainingPass(model, masked_kl_mean) if plain
+              else fast_cpu.training_pass(model, device))
+    step_model = wrap(passes.module) if wrap is not None else passes.module
 
     def step():
-        return train_step(step_model, opt, x, mask, plan, (1, 1, 1, 1), prior, core=model)
+        return train_step(step_model, opt, x, mask, plan, (1, 1, 1, 1), prior, core=model,
+                          masked_kl=passes.masked_kl)
 
     return step
 
@@ -88,7 +91,7 @@ def time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
         terms = step()
-    float(terms["loss"].sum())          # waits for the device (a pack has one loss per member)
+    float(terms["loss"].sum())          # waits for the device (a pack of runs: one loss each)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps

@@ -161,7 +161,7 @@ def checkpoint_path(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     cfg = apply_overrides(debug(), [f"checkpoint.root={root}", "data.toy_clips=64",
                                     "schedule.switch_epoch=1", "schedule.max_epochs=3"])
-    return Trainer(cfg, progress=False).fit()["best_checkpoint"]
+    return Trainer(cfg, progress=False).fit()[0]["best_checkpoint"]
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,8 @@ def _cfg(root, variant: str, switch: int, max_epochs: int, patience: int = PATIE
 @pytest.mark.parametrize("variant, switch", [("dsae", 0), ("ts_dsae", 3)])
 def test_stops_after_patience_and_keeps_the_best_epoch(tmp_path, variant, switch):
     trainer = Trainer(_cfg(tmp_path / "a", variant, switch, max_epochs=40), progress=False)
-    result = trainer.fit()
-    history = trainer.history
+    (result,) = trainer.fit()
+    history = trainer.run.history
     losses_all = [h["val_loss"] for h in history]
     first_last_stage = 0 if variant == "dsae" else switch
     last_stage = [h for h in history if h["epoch"] >= first_last_stage]
@@ -60,19 +60,19 @@ def test_stops_after_patience_and_keeps_the_best_epoch(tmp_path, variant, switch
     cut = Trainer(_cfg(tmp_path / "b", variant, switch, max_epochs=result["best_epoch"] + 1,
                        patience=40), progress=False)
     cut.fit()
-    assert [h["val_loss"] for h in cut.history] == losses_all[:len(cut.history)]
-    for name, value in cut.model.state_dict().items():
+    assert [h["val_loss"] for h in cut.run.history] == losses_all[:len(cut.run.history)]
+    for name, value in cut.run.model.state_dict().items():
         assert torch.equal(best_state["model"][name], value), name
     last_state = checkpoint.load(result["last_checkpoint"])
     assert any(not torch.equal(last_state["model"][k], v) for k, v in best_state["model"].items())
-    best_model = trainer.best_model()
+    best_model = trainer.run.best_model()
     for name, value in best_model.state_dict().items():
         assert torch.equal(best_state["model"][name], value), name
 
 
 def test_without_a_plateau_it_runs_to_max_epochs_and_keeps_the_lowest(tmp_path):
     trainer = Trainer(_cfg(tmp_path, "dsae", 0, max_epochs=6, patience=50), progress=False)
-    result = trainer.fit()
+    (result,) = trainer.fit()
     assert not result["stopped_early"] and result["epochs_run"] == 6
-    losses = [h["val_loss"] for h in trainer.history]
+    losses = [h["val_loss"] for h in trainer.run.history]
     assert result["best_epoch"] == losses.index(min(losses)) and result["best_val"] == min(losses)

@@ -94,7 +94,8 @@ def test_fast_training_step_matches_the_plain_step_in_float32_with_onednn_linear
     ref, ref_terms = loss_terms(model, x, mask, stage2)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     torch.manual_seed(3)
-    loss, terms = loss_terms(fast, x, mask, stage2)
+    loss, terms = loss_terms(fast, x, mask, stage2, core=model,
+                             masked_kl=fast_cpu.masked_kl_mean)
     assert any("OneDNN" in name for name in _graph_nodes(loss))
     assert not any("OneDNN" in name for name in _graph_nodes(ref))
     grads = torch.autograd.grad(loss, list(model.parameters()))
@@ -167,16 +168,38 @@ def test_fused_masked_kl_matches_the_composed_loss_and_its_gradients():
         g.sum().backward()
 
 
-def test_the_fast_path_is_chosen_only_on_cpu_and_only_for_tanh_mlps():
-    model = DSAE(tiny())
-    assert isinstance(fast_cpu.for_device(model, "cpu"), fast_cpu.FastDSAE)
-    assert fast_cpu.for_device(model, torch.device("cuda")) is model
-    # a reader's edit of the plain model (another nonlinearity) changes its outputs, and the
-    # fast path, which assumes tanh, steps aside instead of computing the old function
-    x, mask = torch.randn(B, T, F), torch.ones(B, T, dtype=torch.bool)
+def test_the_fast_path_is_chosen_on_cpu_and_a_block_it_does_not_cover_runs_plain(caplog):
+    """training_pass: FastDSAE and the fused KL on CPU, the plain model elsewhere. A reader's edit
+    of the plain model (another nonlinearity, dropout) is not silently computed the old way: the
+    edited MLP runs as its plain module inside the fast pass (same values and gradients as the
+    edited plain model, float64), the other blocks stay fast, and the fallback is said once."""
+    model = DSAE(tiny()).double()
+    cpu = fast_cpu.training_pass(model, "cpu")
+    assert isinstance(cpu.module, fast_cpu.FastDSAE) and cpu.masked_kl is fast_cpu.masked_kl_mean
+    cuda = fast_cpu.training_pass(model, torch.device("cuda"))
+    assert cuda.module is model and cuda.masked_kl is losses.masked_kl_mean
+    assert fast_cpu.plain_blocks(model) == []
+    torch.manual_seed(0)
+    x, mask = torch.randn(B, T, F, dtype=torch.float64), torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False
     before = model.v_posterior(x, mask).loc
     model.v_posterior.encoder.mlp.layers[1] = nn.ReLU()
+    model.likelihood.net.mlp.layers.append(nn.Dropout(0.0))
     assert not torch.allclose(model.v_posterior(x, mask).loc, before)
-    assert fast_cpu.for_device(model, "cpu") is model
-    with pytest.raises(ValueError, match="Tanh"):
-        fast_cpu.FastDSAE(model)
+    with caplog.at_level("WARNING", logger="tsdsae.model.fast_cpu"):
+        edited = fast_cpu.training_pass(model, "cpu")
+    assert fast_cpu.plain_blocks(model) == ["v_posterior.encoder.mlp", "likelihood.net.mlp"]
+    assert [r.getMessage().count("v_posterior.encoder.mlp") for r in caplog.records] == [1]
+    stage2 = plan("ts_dsae", 1, 1)
+    model.take_snapshot()
+    torch.manual_seed(3)
+    ref, ref_terms = loss_terms(model, x, mask, stage2)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.manual_seed(3)
+    loss, terms = loss_terms(edited.module, x, mask, stage2, core=model,
+                             masked_kl=edited.masked_kl)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    for k in ref_terms:
+        torch.testing.assert_close(terms[k], ref_terms[k], rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

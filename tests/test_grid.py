@@ -66,27 +66,47 @@ def test_quick_grid_is_the_four_models_in_two_trials_and_narrows():
 
 
 @pytest.mark.parametrize("size", [1, 3, 16, 48])
-def test_packed_trials_bundle_runs_of_one_architecture_within_the_pack_size(size):
-    """The paper's 288 runs as packed trials (tune/robustness_sweep.py _bundles): every trial
-    group once; a bundle holds one z_dim and one dataset (packs need one architecture and one
-    data) but mixes seeds and optimisers; neither of its two packs exceeds `size` members."""
-    from tune.robustness_sweep import _bundles
+def test_packed_trials_bundle_runs_of_one_dataset_within_the_pack_size(size):
+    """The paper's 288 runs as packed trials (tune.jobs.bundles): every trial group once; a
+    bundle holds one dataset (a trainer's runs read one dataset) but mixes seeds, optimisers
+    and architectures; neither stage's jobs exceed `size` runs."""
+    from tune.jobs import bundles
 
     datasets = ["data/dmelodies", "data/urmp"]
     groups = trial_groups(load_grid("paper"), datasets)
-    bundles = _bundles(groups, "paper", size)
-    keys = [g["key"] for b in bundles for g in b["groups"]]
+    trials = bundles(groups, size)
+    keys = [g["key"] for b in trials for g in b["groups"]]
     assert sorted(keys) == sorted(g.key for g in groups)
-    assert len({b["key"] for b in bundles}) == len(bundles)
-    for b in bundles:
+    assert len({b["key"] for b in trials}) == len(trials)
+    for b in trials:
         first = len(b["groups"])
         second = sum(len(g["variants"]) for g in b["groups"] if len(g["variants"]) > 1)
         assert first <= size and (second <= size or first == 1)
-        assert len({(g["overrides"]["model.z_dim"], g["overrides"]["data.uri"])
-                    for g in b["groups"]}) == 1
+        assert len({g["overrides"]["data.uri"] for g in b["groups"]}) == 1
     if size == 1:
-        assert len(bundles) == len(groups) == 144
-    if size == 48:      # per (dataset, z_dim): 12 DSAE runs and 12 shared stage 1s, then 36
-        assert len(bundles) == 2 * 3
-        assert all({g["overrides"]["optim.amsgrad"] for g in b["groups"]} == {False, True}
-                   and len({g["overrides"]["seed"] for g in b["groups"]}) == 6 for b in bundles)
+        assert len(trials) == len(groups) == 144
+    if size == 48:      # per dataset 72 groups: 36 shared ones of 3 variants each fill
+        assert len(trials) == 2 * 3     # 3 stage 2s of 48 (with the DSAE groups beside them)
+
+
+def test_a_trials_jobs_train_each_stage_1_before_any_stage_2_in_packs(tmp_path):
+    """tune.jobs.plan_runs / plan_jobs: a shared group is a stage-1 run and one run per variant
+    starting from its folder; packed, every stage-1 job comes before every stage-2 job and no
+    job holds more than the pack size."""
+    from tune.jobs import SweepSettings, bundles, plan_jobs, plan_runs
+
+    groups = trial_groups(load_grid("smoke"), [str(tmp_path / "data")])
+    sweep = SweepSettings(name="s", preset="debug", checkpoint_root=str(tmp_path / "runs"),
+                          tracking_uri="", experiment="e")
+    (trial,) = bundles(groups, 8)
+    runs = plan_runs(sweep, trial)
+    shared = [r for r in runs if r.role == "shared_stage_1"]
+    assert len(shared) == len([g for g in groups if len(g.variants) > 1])
+    for run in runs:
+        if run.role == "trial" and run.variant != "dsae":
+            assert run.start is not None and [j.stage for j in run.jobs] == [2]
+    jobs = plan_jobs(runs, 4)
+    stages = [j.stage for j in jobs]
+    assert stages == sorted(stages) and max(len(j.members) for j in jobs) <= 4
+    assert sum(len(j.members) for j in jobs) == sum(len(r.jobs) for r in runs)
+    assert [len(j.members) for j in plan_jobs(runs, 1)] == [1] * sum(len(r.jobs) for r in runs)

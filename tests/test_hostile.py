@@ -110,15 +110,21 @@ def test_evaluate_does_not_follow_a_checkpoints_s3_data_or_endpoint(checkpoint_p
     _one_error_line(capsys.readouterr().err, "not-here", "--data")
 
 
-def test_a_stage_marker_cannot_point_outside_the_checkpoint_root(tmp_path):
-    from tsdsae.checkpoint import CheckpointError
-    from tsdsae.ray_train import _check_marker
+def test_a_stage_marker_is_data_and_a_foreign_one_is_refused_naming_it(tmp_path):
+    """Stage markers hold numbers only (no location to follow): where a run continues from is its
+    own last.pt or its job's start, never a stored file's say. A marker that is not one of ours
+    is one clear error naming the file."""
+    from tsdsae.runs import MarkerError, RunFolder, StageMarker
 
-    root = str(tmp_path / "runs")
-    _check_marker({"checkpoint": f"{root}/run/stage_1/checkpoint_0", "metrics": {}}, root, "m")
-    for bad in ("/etc/ckpt", f"{root}/../elsewhere/ckpt", f"{root}x/ckpt", None):
-        with pytest.raises(CheckpointError, match="delete the marker"):
-            _check_marker({"checkpoint": bad, "metrics": {}}, root, "m")
+    folder = RunFolder(str(tmp_path / "run"))
+    marker = StageMarker(stage=1, epoch=4, val_loss=2.5, best_val=float("inf"), best_epoch=-1,
+                         stopped_early=False)
+    folder.write_marker(marker)
+    assert folder.marker(1) == marker and folder.marker(2) is None
+    for bad in (b'{"checkpoint": "/etc/ckpt", "metrics": {}}', b"[1, 2]", b"not json"):
+        (tmp_path / "run" / "stage_2.json").write_bytes(bad)
+        with pytest.raises(MarkerError, match=r"stage_2\.json .*delete it"):
+            folder.marker(2)
 
 
 # --- 3. divergence and non-finite values -----------------------------------------------------------
@@ -140,7 +146,7 @@ def test_training_that_diverges_stops_naming_epoch_and_term_and_keeps_the_last_c
                                   "schedule.switch_epoch=1", "schedule.max_epochs=4",
                                   "checkpoint.every=1"])
     trainer = Trainer(cfg, progress=False)
-    trainer.callbacks.append(lambda record: record["epoch"] == 1 and _poison(trainer.model))
+    trainer.run.callbacks.append(lambda record: record["epoch"] == 1 and _poison(trainer.run.model))
     with pytest.raises(TrainingDiverged, match=r"diverged at epoch 2 \(train_") as info:
         trainer.fit()
     assert str(tmp_path / "toy" / "last.pt") in str(info.value)

@@ -90,7 +90,7 @@ def test_collapse_warning_on_a_real_dsae_run_and_not_on_ts_dsae(small_dmelodies,
             f"checkpoint.root={tmp_path}", "checkpoint.every=1000", "tracking.enabled=false"])
         tracker = TagRecorder()
         trainer = Trainer(cfg, progress=False)
-        trainer.callbacks.append(collapse_callback(cfg, tracker))
+        trainer.run.callbacks.append(collapse_callback(cfg, tracker))
         trainer.fit()
         tags[variant] = tracker.tags
         err = capsys.readouterr().err
@@ -98,5 +98,5 @@ def test_collapse_warning_on_a_real_dsae_run_and_not_on_ts_dsae(small_dmelodies,
         if variant == "dsae":
             epoch = int(tracker.tags[CollapseWatch.TAG].split()[-1])
             # The warning comes well before the end of the run, after KL_v is near zero.
-            assert epoch < 140 and trainer.history[epoch]["train_kl_v"] < COLLAPSE_KL_V
+            assert epoch < 140 and trainer.run.history[epoch]["train_kl_v"] < COLLAPSE_KL_V
     assert CollapseWatch.TAG in tags["dsae"] and tags["ts_dsae"] == {}

@@ -44,17 +44,17 @@ def test_batches_reshuffle_every_epoch_and_split_across_ranks():
 def test_stage_one_freezes_local_modules_and_stage_two_keeps_the_snapshot(tmp_path, debug_data):
     cfg = _cfg(tmp_path, "schedule.switch_epoch=3", "schedule.max_epochs=5")
     tr = Trainer(cfg, data=debug_data, progress=False)
-    m = tr.model
+    m = tr.run.model
     local0, global0 = _snap(m.group_parameters("local")), _snap(m.group_parameters("global"))
     for epoch in range(3):
-        tr.run_epoch(epoch)
+        tr.run.run_epoch(epoch)
     assert all(torch.equal(a, b) for a, b in zip(local0, m.group_parameters("local")))
     assert not all(torch.equal(a, b) for a, b in zip(global0, m.group_parameters("global")))
-    tr.run_epoch(3)                      # the switch: snapshot taken, local modules train
+    tr.run.run_epoch(3)                      # the switch: snapshot taken, local modules train
     assert m.has_snapshot
     snap = m.snapshot_state_dict()
     assert not all(torch.equal(a, b) for a, b in zip(local0, m.group_parameters("local")))
-    tr.run_epoch(4)
+    tr.run.run_epoch(4)
     assert all(torch.equal(snap[k], v) for k, v in m.snapshot_state_dict().items())
     # the snapshot is the global encoder as it was at the end of stage 1
     assert not all(torch.equal(snap[k], v) for k, v in m.v_posterior.state_dict().items())
@@ -64,11 +64,11 @@ def test_dsae_freeze_keeps_the_global_encoder_in_stage_two(tmp_path, debug_data)
     cfg = _cfg(tmp_path, "schedule.variant=dsae_freeze", "schedule.switch_epoch=2",
                "schedule.max_epochs=4")
     tr = Trainer(cfg, data=debug_data, progress=False)
-    tr.run_epoch(0), tr.run_epoch(1)
-    global1 = _snap(tr.model.group_parameters("global"))
-    tr.run_epoch(2), tr.run_epoch(3)
-    assert not tr.model.has_snapshot
-    assert all(torch.equal(a, b) for a, b in zip(global1, tr.model.group_parameters("global")))
+    tr.run.run_epoch(0), tr.run.run_epoch(1)
+    global1 = _snap(tr.run.model.group_parameters("global"))
+    tr.run.run_epoch(2), tr.run.run_epoch(3)
+    assert not tr.run.model.has_snapshot
+    assert all(torch.equal(a, b) for a, b in zip(global1, tr.run.model.group_parameters("global")))
 
 
 def test_resume_equals_uninterrupted(tmp_path, debug_data):
@@ -87,23 +87,23 @@ def test_resume_equals_uninterrupted(tmp_path, debug_data):
                     callbacks=[interrupt_after_7])
     with pytest.raises(Interrupt):
         first.fit()
-    assert first.epoch == 7 and checkpoint.load(first.last_uri)["epoch"] == 6
+    assert first.run.epoch == 7 and checkpoint.load(first.run.last_uri)["epoch"] == 6
     resumed = Trainer(_cfg(tmp_path / "b", "checkpoint.every=1"), data=debug_data, progress=False)
-    result = resumed.fit()
-    assert result["epochs_run"] == 12 and resumed.model.has_snapshot
-    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+    (result,) = resumed.fit()
+    assert result["epochs_run"] == 12 and resumed.run.model.has_snapshot
+    for (k, a), b in zip(straight.run.model.state_dict().items(), resumed.run.model.state_dict().values()):
         assert torch.equal(a, b), k
-    assert [h["val_loss"] for h in straight.history] == [h["val_loss"] for h in resumed.history]
-    a, b = straight.model.snapshot_state_dict(), resumed.model.snapshot_state_dict()
+    assert [h["val_loss"] for h in straight.run.history] == [h["val_loss"] for h in resumed.run.history]
+    a, b = straight.run.model.snapshot_state_dict(), resumed.run.model.snapshot_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_checkpoint_loads_weights_only(tmp_path, debug_data):
     tr = Trainer(_cfg(tmp_path), data=debug_data, progress=False)
     tr.fit()
-    state = torch.load(tr.last_uri, weights_only=True)
+    state = torch.load(tr.run.last_uri, weights_only=True)
     assert state["epoch"] == 11 and state["stage"] == 2 and state["snapshot"] is not None
-    assert checkpoint.load(tr.best_uri)["config"]["schedule.variant"] == "ts_dsae"
+    assert checkpoint.load(tr.run.best_uri)["config"]["schedule.variant"] == "ts_dsae"
     Path(tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt"):
         checkpoint.load(str(tmp_path / "junk.pt"))
@@ -112,7 +112,7 @@ def test_checkpoint_loads_weights_only(tmp_path, debug_data):
 def test_debug_loss_falls_and_matches_the_golden_curve(tmp_path, debug_data):
     tr = Trainer(_cfg(tmp_path), data=debug_data, progress=False)
     tr.fit()
-    curve = [round(h["train_loss"], 5) for h in tr.history]
+    curve = [round(h["train_loss"], 5) for h in tr.run.history]
     assert curve[-1] < curve[0] * 0.95
     if os.environ.get("TSDSAE_WRITE_GOLDEN") == "1":     # deliberate regeneration only
         GOLDEN.write_text(json.dumps({"train_loss": curve}, indent=1))
@@ -131,7 +131,7 @@ def test_ts_dsae_disentangles_the_toy_dataset_and_dsae_collapses(tmp_path):
                                   f"name=toy-{variant}"])
         tr = Trainer(c, data=data, progress=False)
         tr.fit()
-        scores[variant] = evaluate(tr.best_model(), data, "val")
+        scores[variant] = evaluate(tr.run.best_model(), data, "val")
     print(json.dumps(scores))
     ts = scores["ts_dsae"]
     assert ts["pre_swap"] >= 0.9 and ts["gswap"] >= 0.9 and ts["lswap"] >= 0.9, scores

@@ -34,11 +34,9 @@ def gaussian_kl(q: Normal, p: Normal) -> torch.Tensor:
     return 0.5 * (var_ratio + ((q.loc - p.loc) / p.scale).pow(2) - 1.0 - torch.log(var_ratio))
 
 
-def masked_kl_mean(q: Normal, p: Normal, mask: torch.Tensor, members: int | None = None
-                   ) -> torch.Tensor:
-    """masked_time_mean(gaussian_kl(q, p), mask, members) for q, p over (B, T, Z): KL_z's
-    averaging."""
-    return masked_time_mean(gaussian_kl(q, p), mask, members)
+def masked_kl_mean(q: Normal, p: Normal, mask: torch.Tensor) -> torch.Tensor:
+    """masked_time_mean(gaussian_kl(q, p), mask) for q, p over (B, T, Z): KL_z's averaging."""
+    return masked_time_mean(gaussian_kl(q, p), mask)
 
 
 def standard_normal_kl(q: Normal) -> torch.Tensor:
@@ -50,40 +48,27 @@ def standard_normal_kl(q: Normal) -> torch.Tensor:
     return 0.5 * (var + q.loc.pow(2) - 1.0 - torch.log(var))
 
 
-def batch_mean(values: torch.Tensor, members: int | None = None) -> torch.Tensor:
-    """The mean of all elements (a scalar), or with `members` = K the mean per member of a pack
-    (K,): the rows of `values` are K blocks of B, member k's are rows k*B .. (k+1)*B - 1
-    (tsdsae.model.packed)."""
-    if members is None:
-        return values.mean()
-    return values.reshape(members, -1).mean(dim=1)
-
-
-def masked_time_mean(values: torch.Tensor, mask: torch.Tensor, members: int | None = None
-                     ) -> torch.Tensor:
+def masked_time_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over (batch, feature) of the per-sequence mean over valid frames.
 
-    values (B, T, D), mask (B, T) bool -> scalar (per member (K,) with `members`, see
-    `batch_mean`). Padding frames contribute nothing.
+    values (B, T, D), mask (B, T) bool -> scalar. Padding frames contribute nothing.
     """
     m = mask.to(values.dtype)
     per_seq = (values * m.unsqueeze(-1)).sum(dim=1) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
-    return batch_mean(per_seq, members)
+    return per_seq.mean()
 
 
 def elbo_terms(x: torch.Tensor, mask: torch.Tensor, out: Outputs,
-               v_prior: Normal | None = None, masked_kl=masked_kl_mean,
-               members: int | None = None) -> dict[str, torch.Tensor]:
+               v_prior: Normal | None = None, masked_kl=masked_kl_mean
+               ) -> dict[str, torch.Tensor]:
     """recon, KL_z and KL_v (against N(0, I), or against the informed prior `v_prior`).
 
     x (B, T, F), mask (B, T), `out` from DSAE.forward. `masked_kl` computes KL_z's masked mean
-    (a faster equal function may be passed: tsdsae.model.fast_cpu.masked_kl_mean). With
-    `members` = K (a pack, B = K blocks of rows), every term is (K,), one per member."""
-    recon = masked_time_mean((x - out.x_mean).pow(2), mask, members)
-    kl_z = (masked_kl(out.qz, out.pz, mask) if members is None
-            else masked_kl(out.qz, out.pz, mask, members))
+    (a faster equal function may be passed: tsdsae.model.fast_cpu.masked_kl_mean)."""
+    recon = masked_time_mean((x - out.x_mean).pow(2), mask)
+    kl_z = masked_kl(out.qz, out.pz, mask)
     kl = standard_normal_kl(out.qv) if v_prior is None else gaussian_kl(out.qv, v_prior)
-    return {"recon": recon, "kl_z": kl_z, "kl_v": batch_mean(kl, members)}
+    return {"recon": recon, "kl_z": kl_z, "kl_v": kl.mean()}
 
 
 def _rows(d: Normal, index: torch.Tensor | slice) -> Normal:
@@ -93,8 +78,7 @@ def _rows(d: Normal, index: torch.Tensor | slice) -> Normal:
 
 
 def swap_terms(out: Outputs, mask: torch.Tensor, perms: tuple[torch.Tensor, torch.Tensor],
-               masked_kl=masked_kl_mean, members: int | None = None
-               ) -> dict[str, torch.Tensor]:
+               masked_kl=masked_kl_mean) -> dict[str, torch.Tensor]:
     """The four swap KL terms of TS-DSAE with the intended targets (METHOD s4).
 
     `out` comes from DSAE.forward(x, mask, swap_perms=perms), perms = (pi_g, pi_l), two
@@ -107,20 +91,17 @@ def swap_terms(out: Outputs, mask: torch.Tensor, perms: tuple[torch.Tensor, torc
     the local swap at j = pi_l(i) (rows B..2B-1 hold decode(z_j, v_pi_l^-1(j))), so in that order
     the local targets are q(v | x_pi_l^-1(j)) and q(z | x_j) with j's own mask: the same batch
     means, with only (B, V) tensors permuted. Targets are the original pass's posteriors, not
-    detached. With `members` = K (a pack), each term is (K,), one per member.
+    detached.
     """
     perm_g, perm_l = perms
     b = mask.shape[0]
     qv_g, qv_l = _rows(out.qv_swap, slice(0, b)), _rows(out.qv_swap, slice(b, 2 * b))
     qz_g, qz_l = _rows(out.qz_swap, slice(0, b)), _rows(out.qz_swap, slice(b, 2 * b))
-    kl_z = ((lambda q, p: masked_kl(q, p, mask)) if members is None
-            else (lambda q, p: masked_kl(q, p, mask, members)))
     return {
-        "gswap_v": batch_mean(gaussian_kl(qv_g, _rows(out.qv, perm_g)), members),
-        "gswap_z": kl_z(qz_g, out.qz),
-        "lswap_v": batch_mean(gaussian_kl(qv_l, _rows(out.qv, inverse_permutation(perm_l))),
-                              members),
-        "lswap_z": kl_z(qz_l, out.qz),
+        "gswap_v": gaussian_kl(qv_g, _rows(out.qv, perm_g)).mean(),
+        "gswap_z": masked_kl(qz_g, out.qz, mask),
+        "lswap_v": gaussian_kl(qv_l, _rows(out.qv, inverse_permutation(perm_l))).mean(),
+        "lswap_z": masked_kl(qz_l, out.qz, mask),
     }
 
 

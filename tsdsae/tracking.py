@@ -25,6 +25,7 @@ paths are made absolute so that Ray workers, whatever their working directory, s
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -307,6 +308,42 @@ def start_run(cfg: RunConfig, key: str, parent_run_id: str | None = None,
                        parent_run_id=parent_run_id, tags=tags, resume=resume)
     tracker.log_params(to_flat(cfg))
     return tracker
+
+
+# -- a sweep's runs: roles and tags --------------------------------------------------------------
+
+ROLE_TAG = "tsdsae.role"                   # sweep (the parent), trial, shared_stage_1
+BEST_CHECKPOINT_TAG = "tsdsae.best_checkpoint"
+GRID_VARIANT = "schedule.variant"
+
+
+def grid_tags(coords: Mapping[str, Any], variant: str | None) -> dict[str, str]:
+    """A run's grid coordinates as `grid.<key>` tags (lists and dicts as JSON)."""
+    tags = {f"grid.{k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+            for k, v in coords.items()}
+    if variant:
+        tags[f"grid.{GRID_VARIANT}"] = variant
+    return tags
+
+
+def start_sweep_run(cfg: RunConfig, parent_run_id: str, role: str, group: str,
+                    coords: Mapping[str, Any], variant: str | None = None,
+                    shared_by: tuple[str, ...] = (), forked: bool = False,
+                    **extra: str) -> Tracker:
+    """The MLflow run of one run of a sweep (created, or found again by its folder's key),
+    a child of the sweep's run, with its role, group, grid coordinates and `extra` tags:
+    a "trial" (one grid point; `forked` when its stage 1 is a shared one) or a
+    "shared_stage_1" (trained once for the variants in `shared_by`)."""
+    from tsdsae.runs import RunFolder
+
+    location = RunFolder.of(cfg).uri
+    tags = {ROLE_TAG: role, "tsdsae.run_dir": location, "tsdsae.group": group,
+            **grid_tags(coords, variant), **extra}
+    if role == "shared_stage_1":
+        tags["tsdsae.shared_by"] = ",".join(shared_by)
+    else:
+        tags["tsdsae.shared_stage_1"] = str(forked)
+    return start_run(cfg, run_key(location), parent_run_id=parent_run_id, tags=tags)
 
 
 def attach(uri: str | None, run_id: str | None, active: bool = True) -> Tracker:

@@ -162,10 +162,10 @@ def check_run_folder(cfg, resume: bool = True) -> None:
     differ (RERUN_MAY_CHANGE excepted)."""
     from tsdsae import checkpoint
     from tsdsae.config import from_flat, to_flat
-    from tsdsae.storage import open_store
+    from tsdsae.runs import RunFolder
 
-    location = f"{cfg.checkpoint.root.rstrip('/')}/{cfg.name}"
-    store = open_store(location, cfg.data.endpoint_url or None).check(create=True)
+    folder = RunFolder.of(cfg)
+    store = folder.store.check(create=True)
     try:
         store.write_bytes(".write-check", b"")
         store.delete(".write-check")
@@ -177,7 +177,7 @@ def check_run_folder(cfg, resume: bool = True) -> None:
     stored = next((name for name in ("last.pt", "best.pt") if store.exists(name)), None)
     if stored is None:
         return
-    previous = checkpoint.load(f"{location}/{stored}", "cpu", cfg.data.endpoint_url or None)
+    previous = checkpoint.load(folder.file(stored), "cpu", folder.endpoint)
     try:        # through from_flat: earlier key names and keys added since read as today's
         before = to_flat(from_flat(previous.get("config") or {}))
     except (ValueError, TypeError, AttributeError):
@@ -253,25 +253,26 @@ def _train_here(cfg, args) -> dict:
     from tsdsae.trainer import Trainer
 
     trainer = Trainer(cfg, progress=not args.quiet)
+    run = trainer.run
     configure_device(trainer.device)
     if trainer.device.type == "cpu":
         keep_freed_memory()   # process-wide allocator setting for CPU steps (see its docstring)
     if not args.no_resume:
         # A last.pt that does not fit is refused before the MLflow run is touched.
         trainer.resume()
-    tracker = tracking.start_run(cfg, tracking.run_key(trainer.run_dir), resume=not args.no_resume,
-                                 tags={"tsdsae.run_dir": trainer.run_dir})
-    trainer.callbacks += [tracker, collapse_callback(cfg, tracker)]
+    tracker = tracking.start_run(cfg, tracking.run_key(run.run_dir), resume=not args.no_resume,
+                                 tags={"tsdsae.run_dir": run.run_dir})
+    run.callbacks += [tracker, collapse_callback(cfg, tracker)]
     try:
-        result = trainer.fit(resume=False)          # resumed above
+        (result,) = trainer.fit(resume=False)       # resumed above
         summary = {k: result[k] for k in ("epochs_run", "stopped_early", "best_epoch", "best_val",
                                           "best_checkpoint")}
         if not args.no_eval:
             if not args.quiet:
                 print(evaluation_plan(cfg), file=sys.stderr, flush=True)
             summary["eval"] = tracking.evaluate_and_log(
-                tracker, cfg, trainer.best_model(), trainer.data, result, trainer.best_uri,
-                trainer.endpoint, device=trainer.device, page_in=trainer.run_dir)
+                tracker, cfg, run.best_model(), trainer.data, result, run.best_uri,
+                run.endpoint, device=trainer.device, page_in=run.run_dir)
             if not args.quiet:
                 print(evaluation_words(summary["eval"], len(trainer.data["train"].instruments)),
                       file=sys.stderr, flush=True)
@@ -300,11 +301,11 @@ def _train_on_ray(cfg, options: dict, args) -> dict:
     import ray
     import ray.train
 
-    from tsdsae.ray_train import run_dir, runtime_env, train_driver_fn
-    from tsdsae.storage import open_store
+    from tsdsae.ray_train import runtime_env, train_driver_fn
+    from tsdsae.runs import RunFolder
 
-    location = run_dir(cfg)
-    store = open_store(location, cfg.data.endpoint_url or None)
+    folder = RunFolder.of(cfg)
+    location, store = folder.uri, folder.store
     if args.no_resume and store.list():
         raise UsageError(f"{location} already holds a run; --no-resume with Ray needs a new "
                          "--name (or delete that run)")

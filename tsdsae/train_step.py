@@ -1,5 +1,5 @@
-"""One optimisation step, pure torch on any device. Used as-is by the single-process trainer and
-by the Ray Train workers (where `model` is the DDP wrapper and `core` the raw DSAE).
+"""One optimisation step, pure torch on any device. Used as-is by tsdsae.trainer on one process
+and on Ray Train workers (where `model` is the DDP wrapper and `core` the raw DSAE).
 
 No host-device synchronisation happens inside a step: the returned terms are detached device
 tensors that the caller accumulates and reads once per epoch.
@@ -9,15 +9,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.distributions import Normal
 
 from tsdsae.losses import elbo_terms, masked_kl_mean, swap_terms, total_loss
-from tsdsae.model import fast_cpu
 from tsdsae.model.dsae import DSAE
 from tsdsae.schedule import StagePlan
+
+MaskedKL = Callable[..., torch.Tensor]
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,19 +45,18 @@ def keep_freed_memory() -> bool:
 
 def loss_terms(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, plan: StagePlan,
                swap_weights=(1.0, 1.0, 1.0, 1.0), v_prior: Normal | None = None,
-               core: DSAE | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               core: DSAE | None = None, masked_kl: MaskedKL = masked_kl_mean
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward pass and the loss of this stage: returns (loss, named terms).
 
-    x (B, T, F), mask (B, T). `model` runs the pass: the DSAE, its tsdsae.model.fast_cpu
-    FastDSAE, or a DDP wrapper of either; `core` is the DSAE (found through `.module` when not
-    given). With swaps, two independent permutations of the batch are drawn (METHOD s4).
-    `v_prior` is the informed prior for this batch when the caller has it cached; otherwise,
-    when the stage needs it, the frozen snapshot is evaluated here.
+    x (B, T, F), mask (B, T). `model` runs the pass: the DSAE, the module of a
+    tsdsae.model.fast_cpu.TrainingPass, or a DDP wrapper of either; `core` is the DSAE (default:
+    `model` itself); `masked_kl` the KL_z averaging (METHOD s3) the pass comes with (its
+    TrainingPass says which). With swaps, two independent permutations of the batch are drawn
+    (METHOD s4). `v_prior` is the informed prior for this batch when the caller has it cached;
+    otherwise, when the stage needs it, the frozen snapshot is evaluated here.
     """
-    runner = getattr(model, "module", model)            # under DDP, the wrapped module
-    fast = isinstance(runner, fast_cpu.FastDSAE)
-    core = core if core is not None else (runner.model if fast else runner)
-    masked_kl = fast_cpu.masked_kl_mean if fast else masked_kl_mean
+    core = core if core is not None else model
     perms = None
     if plan.swaps:
         perms = (torch.randperm(x.shape[0], device=x.device),
@@ -73,11 +74,11 @@ def loss_terms(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, plan: Stag
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                mask: torch.Tensor, plan: StagePlan, swap_weights=(1.0, 1.0, 1.0, 1.0),
-               v_prior: Normal | None = None, core: DSAE | None = None
-               ) -> dict[str, torch.Tensor]:
+               v_prior: Normal | None = None, core: DSAE | None = None,
+               masked_kl: MaskedKL = masked_kl_mean) -> dict[str, torch.Tensor]:
     """forward, loss, backward, optimiser step. Returns detached terms (device tensors)."""
     optimizer.zero_grad(set_to_none=True)
-    loss, terms = loss_terms(model, x, mask, plan, swap_weights, v_prior, core)
+    loss, terms = loss_terms(model, x, mask, plan, swap_weights, v_prior, core, masked_kl)
     loss.backward()
     optimizer.step()
     return {k: v.detach() for k, v in terms.items()}
@@ -86,9 +87,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 @torch.no_grad()
 def eval_step(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, plan: StagePlan,
               swap_weights=(1.0, 1.0, 1.0, 1.0), v_prior: Normal | None = None,
-              core: DSAE | None = None) -> dict[str, torch.Tensor]:
+              core: DSAE | None = None, masked_kl: MaskedKL = masked_kl_mean
+              ) -> dict[str, torch.Tensor]:
     """The same loss without gradients (validation samples too, as in training)."""
-    _, terms = loss_terms(model, x, mask, plan, swap_weights, v_prior, core)
+    _, terms = loss_terms(model, x, mask, plan, swap_weights, v_prior, core, masked_kl)
     return {k: v.detach() for k, v in terms.items()}
 
 

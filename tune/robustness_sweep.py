@@ -1,5 +1,5 @@
-"""The robustness sweep: a Ray Tune grid over the Ray Train driver, tracked in MLflow, reported
-as tables and box plots.
+"""The robustness sweep: a Ray Tune grid over the one trainer's Ray jobs, tracked in MLflow,
+reported as tables and box plots.
 
     python tune/robustness_sweep.py --smoke-test                      # minutes on 2 CPUs
     python tune/robustness_sweep.py --grid paper --data s3://bkt/dmelodies --data s3://bkt/urmp \
@@ -7,29 +7,28 @@ as tables and box plots.
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python tune/robustness_sweep.py --smoke-test --storage /abs/sweeps
 
-Three levels, named by the process they run in:
-    main / run_sweep     the driver: grid -> trial groups -> Tuner; the MLflow parent run; report
-    trial_fn(config)     one Tune trial = one trial group (tune.grid.TrialGroup), or with packs
-                         a bundle of them: calls tsdsae.ray_train.train_driver_fn for each of
-                         its model variants
+grid -> jobs -> Tune:
+    main / run_sweep     the driver: grid (tune.grid) -> trials (tune.jobs.bundles) -> Tuner;
+                         the MLflow parent run; the report
+    trial_fn(config)     one Tune trial: its runs and jobs (tune.jobs.plan_runs / plan_jobs);
+                         the jobs no single run owns (a shared stage 1, a pack of runs) train
+                         first, then every grid point's run goes through
+                         tsdsae.ray_train.train_driver_fn (its remaining stages, then its
+                         evaluation), side by side as Ray tasks
     (Ray Train workers)  tsdsae.ray_train.train_loop_per_worker, one DDP job per stage
 
-Stage-1 sharing: dsae_freeze, ts_dsae_wo_reg and ts_dsae share stage 1 for the same seed, z_dim,
-optimiser, dataset and every other key, so their group trains stage 1 once (its own run,
-`<sweep>-<group>-stage1`) and forks stage 2 per variant from that checkpoint. Stage 1 is a pure
-function of the config without the variant, so each variant's result equals an unshared run's.
+Stage-1 sharing: dsae_freeze, ts_dsae_wo_reg and ts_dsae share stage 1 for the same seed and
+every other key, so their group trains stage 1 once (its own run `<sweep>-<group>-stage1`) and
+each variant's stage 2 starts from that run's folder. Stage 1 is a pure function of the config
+without the variant, so each variant's result equals an unshared run's.
 
-Packs (`--pack K`, tsdsae.packed_train): runs of one architecture on one dataset (seeds,
-optimisers, variants) join one Tune trial, a bundle of trial groups, and train as packed models
-of up to K members, one Ray Train job per pack: first every group's stage 1 (shared) or whole
-run (DSAE) side by side, then the stage 2 of every two-stage variant side by side, each member
-exactly as its run alone, with its own checkpoints and MLflow child run; the trial then only
-evaluates each run. 'auto' is 1 (no packing): on this project's CPU packing measured no faster,
-and on an H200 packs beat one run after another only from K = 32 (README, "Packed trials").
+Packs (`--pack K`): a trial's jobs of one stage train as one trainer of up to K runs, one Ray
+Train job each (tsdsae.trainer.Trainer: each run exactly as alone, with its own checkpoints and
+MLflow run). 'auto' is 1: a pack saves Ray job start-ups and data loading, not compute.
 
 MLflow: one parent run per sweep (found again by its key on --resume), one child run per grid
-point (model variant) tagged with its grid coordinates, plus one child run per shared stage 1.
-Children are created with the parent's run id explicitly, so nesting survives Ray's processes.
+point (role "trial") tagged with its grid coordinates, plus one child run per shared stage 1
+(tsdsae.tracking.start_sweep_run).
 """
 from __future__ import annotations
 
@@ -49,14 +48,13 @@ if str(ROOT) not in sys.path:          # run as a script from a checkout or a jo
 
 from tsdsae import tracking  # noqa: E402
 from tsdsae.cli import UsageError, cli_main  # noqa: E402
-from tsdsae.config import PRESETS, apply_overrides  # noqa: E402
 from tsdsae.storage import absolute_location, open_store, redact_url  # noqa: E402
-from tune.grid import (SHARED_STAGE_1, VARIANT_KEY, group_key, load_grid,  # noqa: E402
-                       narrow, parse_only, trial_groups, validate)
+from tsdsae.tracking import BEST_CHECKPOINT_TAG, ROLE_TAG  # noqa: E402
+from tune.grid import load_grid, narrow, parse_only, trial_groups, validate  # noqa: E402
+from tune.jobs import (PlannedRun, SweepSettings, bundles, concurrent_trials,  # noqa: E402
+                       plan_jobs, plan_runs)
+from tune.progress import ProgressPrinter  # noqa: E402
 
-SWEEP_KEY_TAG = "tsdsae.sweep_key"
-ROLE_TAG = "tsdsae.role"
-BEST_CHECKPOINT_TAG = "tsdsae.best_checkpoint"
 EXPERIMENT_NOTE = (
     "Robustness sweeps of the DSAE family (DSAE, DSAE-freeze, TS-DSAE w/o reg, TS-DSAE). Each "
     "sweep is a parent run (role `sweep`) whose description holds the summary table and whose "
@@ -69,263 +67,86 @@ EXPERIMENT_NOTE = (
 # Trial side (a Ray Tune trial process)
 
 
-def _run_config(sweep: dict, overrides: dict, variant: str, name: str):
-    cfg = PRESETS[sweep["preset"]]()
-    cfg = apply_overrides(cfg, {**overrides, VARIANT_KEY: variant, "name": name,
-                                "checkpoint.root": sweep["checkpoint_root"],
-                                "tracking.uri": sweep["tracking_uri"],
-                                "tracking.experiment": sweep["experiment"],
-                                "tracking.enabled": True})
-    if sweep.get("endpoint_url"):
-        cfg = apply_overrides(cfg, {"data.endpoint_url": sweep["endpoint_url"]})
-    return cfg
+def _tracker(sweep: SweepSettings, parent: str, run: PlannedRun, **extra: str):
+    return tracking.start_sweep_run(run.cfg, parent, run.role, run.group, run.coords,
+                                    run.variant, run.shared_by, run.start is not None, **extra)
 
 
-def _coord_tags(coords: dict, variant: str | None) -> dict[str, str]:
-    tags = {f"grid.{k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-            for k, v in coords.items()}
-    if variant:
-        tags[f"grid.{VARIANT_KEY}"] = variant
-    return tags
+def _train_jobs(sweep: SweepSettings, parent: str, runs: list[PlannedRun], options: dict,
+                trial: str) -> None:
+    """The trial's jobs that no single grid point owns (a shared stage 1; with packs, every
+    job), one Ray Train job each, in order; a job whose runs have all finished its stage is
+    skipped. Each run logs to its own MLflow run; a shared stage 1's is finished here."""
+    from tsdsae.ray_train import check_job, run_job, split_config
+    from tsdsae.runs import pending
+
+    by_name = {run.cfg.name: run for run in runs}
+    _, ray_options = split_config({"run_config": runs[0].cfg, **options})
+    for i, job in enumerate(plan_jobs(runs, sweep.pack)):
+        members = [by_name[cfg.name] for cfg in job.members]
+        if (len(members) == 1 and members[0].role == "trial") or not any(pending(job)):
+            continue                        # a grid point's own job: train_driver_fn runs it
+        tag = {"tsdsae.pack": f"{sweep.name}-{trial}-stage{job.stage}.{i}",
+               "tsdsae.pack_size": str(len(members))} if sweep.pack > 1 else {}
+        trackers = [_tracker(sweep, parent, run, **tag) for run in members]
+        try:
+            run_job(job, ray_options, trackers)
+            check_job(job)
+        except BaseException as exc:
+            for t in trackers:
+                t.fail(exc)
+            raise
+        for run, t in zip(members, trackers):
+            if run.role == "shared_stage_1":
+                t.finish()
 
 
-def _shared_stage_1(sweep: dict, group: dict, options: dict) -> dict:
-    """Train (or find) the group's shared stage 1; returns its stage_1.json marker."""
-    from tsdsae.ray_train import resolve_locations, run_dir, run_stage, split_config
-
-    cfg = resolve_locations(_run_config(sweep, group["overrides"], group["variants"][0],
-                                        f"{sweep['name']}-{group['key']}-stage1"))
-    location = run_dir(cfg)
-    store = open_store(location, cfg.data.endpoint_url or None)
-    if store.exists("stage_1.json"):
-        return json.loads(store.read_bytes("stage_1.json"))
-    tracker = tracking.start_run(
-        cfg, tracking.run_key(location), parent_run_id=sweep["parent_run_id"],
-        tags={ROLE_TAG: "shared_stage_1", "tsdsae.run_dir": location,
-              "tsdsae.shared_by": ",".join(group["variants"]),
-              **_coord_tags(group["coords"], None)})
-    try:
-        _, ray_options = split_config({"run_config": cfg, **options})
-        result = run_stage(cfg, ray_options, 1, None, tracker)
-    except BaseException as exc:
-        tracker.fail(exc)
-        raise
-    marker = {"stage": 1, "checkpoint": result.checkpoint.path,
-              "metrics": {k: v for k, v in result.metrics.items()
-                          if isinstance(v, (int, float, str, bool))},
-              "shared_from": location}
-    store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
-    tracker.finish()
-    return marker
-
-
-def _child_run(sweep: dict, group: dict, cfg, variant: str, shared: bool, **tags):
-    """Create (or find) a grid point's MLflow child run, with its grid coordinates as tags."""
-    from tsdsae.ray_train import run_dir
-
-    return tracking.open_run(cfg.tracking.uri, cfg.tracking.experiment,
-                             tracking.run_key(run_dir(cfg)), run_name=cfg.name,
-                             parent_run_id=sweep["parent_run_id"],
-                             tags={ROLE_TAG: "trial", "tsdsae.group": group["key"],
-                                   "tsdsae.shared_stage_1": str(shared),
-                                   **_coord_tags(group["coords"], variant), **tags})
-
-
-def _is_shared(group: dict) -> bool:
-    """Whether the group's variants share one stage 1 (tune.grid.trial_groups)."""
-    return len(group["variants"]) > 1 and all(v in SHARED_STAGE_1 for v in group["variants"])
-
-
-def _pack_job(options: dict, cfgs: list, trackers: list, pack_dir: str, starts=None,
-              until=None) -> None:
-    """One pack as one Ray Train job (tsdsae.ray_train.run_pack); a failure marks every
-    member's MLflow run failed."""
-    from tsdsae.ray_train import run_pack, split_config
-
-    _, ray_options = split_config({"run_config": cfgs[0], **options})
-    try:
-        run_pack(cfgs, ray_options, pack_dir, trackers, starts, until)
-    except BaseException as exc:
-        for t in trackers:
-            t.fail(exc)
-        raise
-
-
-def _train_bundle(sweep: dict, bundle: dict, options: dict) -> None:
-    """Packed training (sweep["pack"] > 1) of every run of a bundle (runs of one architecture:
-    seeds, optimisers, variants; see _bundles), as two packs, each one Ray Train job:
-
-    1. from epoch 0: the shared stage 1 of each two-stage group (a member that stops at its
-       switch epoch; its own run `<sweep>-<group>-stage1`, as unpacked) and every other run
-       whole (DSAE; a two-stage variant that shares no stage 1);
-    2. the stage 2 of every variant of the shared groups, each from its group's stage 1.
-
-    Each phase is cut into packs of up to sweep["pack"] members (_bundles keeps it to one).
-
-    Each member trains exactly as its run alone (tsdsae.packed_train) and logs to its own MLflow
-    run. Afterwards each run has the stage markers (stage_<k>.json) that train_driver_fn reads,
-    so trial_fn only evaluates. A pack whose members all have their markers is skipped; an
-    interrupted one resumes from its pack.pt."""
-    from tsdsae import checkpoint
-    from tsdsae.ray_train import (STATE_FILE, _stage_checkpoint, pack_markers, ray_path,
-                                  resolve_locations, run_dir, stage_jobs)
-
-    root, prefix = sweep["checkpoint_root"], f"{sweep['name']}-{bundle['key']}"
-
-    def cfg_of(group: dict, variant: str, suffix: str):
-        return resolve_locations(_run_config(sweep, group["overrides"], variant,
-                                             f"{sweep['name']}-{group['key']}-{suffix}"))
-
-    def store_of(cfg):
-        return open_store(run_dir(cfg), cfg.data.endpoint_url or None)
-
-    # 1. first stages and whole runs
-    first = []                                     # (group, cfg, store, shared)
-    for group in bundle["groups"]:
-        shared, variant = _is_shared(group), group["variants"][0]
-        cfg = cfg_of(group, variant, "stage1" if shared else variant)
-        first.append((group, cfg, store_of(cfg), shared))
-
-    def has_markers(cfg, store, shared: bool) -> bool:
-        names = (["stage_1.json"] if shared else
-                 [f"stage_{stage}.json" for stage, _ in stage_jobs(cfg)])
-        return store.exists("result.json") or all(store.exists(n) for n in names)
-
-    size = max(1, int(sweep["pack"]))
-    for c in range(0, len(first), size):
-        chunk = first[c:c + size]
-        pack_dir = f"{root}/{prefix}-pack-1.{c // size}"
-        if all(has_markers(cfg, store, shared) for _, cfg, store, shared in chunk):
-            continue
-        tag = {"tsdsae.pack": pack_dir.rsplit("/", 1)[-1], "tsdsae.pack_size": str(len(chunk))}
-        trackers = []
-        for group, cfg, store, shared in chunk:
-            key = tracking.run_key(run_dir(cfg))
-            if shared:
-                trackers.append(tracking.start_run(
-                    cfg, key, parent_run_id=sweep["parent_run_id"],
-                    tags={ROLE_TAG: "shared_stage_1", "tsdsae.run_dir": run_dir(cfg),
-                          "tsdsae.shared_by": ",".join(group["variants"]),
-                          **_coord_tags(group["coords"], None), **tag}))
-            else:
-                _child_run(sweep, group, cfg, group["variants"][0], False, **tag)
-                trackers.append(tracking.start_run(cfg, key,
-                                                   parent_run_id=sweep["parent_run_id"]))
-        cfgs = [cfg for _, cfg, _, _ in chunk]
-        _pack_job(options, cfgs, trackers, pack_dir,
-                  until=[cfg.schedule.switch_epoch if shared else None
-                         for _, cfg, _, shared in chunk])
-        for (group, cfg, store, shared), marker, tracker in zip(chunk, pack_markers(cfgs, 1),
-                                                                trackers):
-            if shared:
-                # the stage-1 state as a checkpoint folder (what stage 2 starts from)
-                endpoint = cfg.data.endpoint_url or None
-                state = checkpoint.load(f"{run_dir(cfg)}/last.pt", "cpu", endpoint)
-                folder = f"{run_dir(cfg)}/stage_1_state"
-                checkpoint.save(state, f"{folder}/{STATE_FILE}", endpoint)
-                marker.update(checkpoint=ray_path(folder), shared_from=run_dir(cfg))
-                store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
-                tracker.finish()
-            else:
-                for stage, _ in stage_jobs(cfg):
-                    store.write_bytes(f"stage_{stage}.json",
-                                      json.dumps({**marker, "stage": stage}, indent=1).encode())
-
-    # 2. stage 2 of the shared groups' variants
-    second = []                                    # (group, variant, cfg, store, marker)
-    for group, cfg1, store1, shared in first:
-        if not shared:
-            continue
-        marker = json.loads(store1.read_bytes("stage_1.json"))
-        for variant in group["variants"]:
-            cfg = cfg_of(group, variant, variant)
-            store = store_of(cfg)
-            if not store.exists("stage_1.json"):
-                store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
-            second.append((group, variant, cfg, store, marker))
-    for c in range(0, len(second), size):
-        chunk = second[c:c + size]
-        if all(store.exists("stage_2.json") or store.exists("result.json")
-               for *_, store, _ in chunk):
-            continue
-        pack_dir = f"{root}/{prefix}-pack-2.{c // size}"
-        tag = {"tsdsae.pack": pack_dir.rsplit("/", 1)[-1], "tsdsae.pack_size": str(len(chunk))}
-        trackers = []
-        for group, variant, cfg, _, _ in chunk:
-            _child_run(sweep, group, cfg, variant, True, **tag)
-            trackers.append(tracking.start_run(cfg, tracking.run_key(run_dir(cfg)),
-                                               parent_run_id=sweep["parent_run_id"]))
-        cfgs = [cfg for _, _, cfg, _, _ in chunk]
-        _, filesystem = store_of(cfgs[0]).arrow_filesystem()
-        _pack_job(options, cfgs, trackers, pack_dir,
-                  starts=[_stage_checkpoint(m, filesystem) for *_, m in chunk])
-        for (*_, store, _), marker in zip(chunk, pack_markers(cfgs, 2)):
-            store.write_bytes("stage_2.json", json.dumps(marker, indent=1).encode())
-
-
-def _finish_run(sweep: dict, group: dict, variant: str, marker: dict | None,
-                options: dict) -> dict:
+def _finish_run(sweep: SweepSettings, parent: str, run: PlannedRun, options: dict) -> dict:
     """One grid point through tsdsae.ray_train.train_driver_fn: trains the stages that have no
-    marker yet (none after packs) and evaluates the run; returns its summary."""
-    from tsdsae.ray_train import driver_config, run_dir, train_driver_fn
+    marker yet and evaluates the run; returns its summary."""
+    from tsdsae.ray_train import driver_config, train_driver_fn
+    from tsdsae.runs import RESULT, RunFolder
 
-    cfg = _run_config(sweep, group["overrides"], variant,
-                      f"{sweep['name']}-{group['key']}-{variant}")
-    store = open_store(run_dir(cfg), cfg.data.endpoint_url or None)
-    if marker is not None and not store.exists("stage_1.json"):
-        store.write_bytes("stage_1.json", json.dumps(marker, indent=1).encode())
-    # Create (or find) the child run first so its grid tags are there from the start; the driver
-    # resumes the same run by its key. A finished run is left as it is: the driver returns its
-    # stored summary.
-    if not store.exists("result.json"):
-        _child_run(sweep, group, cfg, variant, marker is not None)
-    summary = train_driver_fn(driver_config(cfg, parent_run_id=sweep["parent_run_id"], **options))
-    if summary.get("mlflow_run_id"):            # where the report page finds the model to hear
-        tracking.MlflowTracker(cfg.tracking.uri, summary["mlflow_run_id"]).set_tags(
+    if RunFolder.of(run.cfg).read_json(RESULT) is None:
+        _tracker(sweep, parent, run)      # its grid tags from the start; the driver resumes it
+    summary = train_driver_fn(driver_config(run.cfg, parent_run_id=parent, start=run.start or "",
+                                            **options))
+    if summary.get("mlflow_run_id"):      # where the report page finds the model to hear
+        tracking.MlflowTracker(run.cfg.tracking.uri, summary["mlflow_run_id"]).set_tags(
             {BEST_CHECKPOINT_TAG: summary["best_checkpoint"]})
     return summary
 
 
 def trial_fn(config: dict) -> None:
-    """One Tune trial: every model variant of the trial groups of one bundle (one group unless
-    runs are packed), each trained and evaluated as a full Ray Train run (_finish_run), the
-    runs side by side as Ray tasks (their Train jobs take CPUs as they become free). With
-    sweep["pack"] > 1 the bundle's runs first train in packs (_train_bundle), then are evaluated
-    side by side as Ray tasks (a CPU share of a worker each), since a bundle holds many runs."""
+    """One Tune trial: the jobs of its runs (_train_jobs), then every grid point's run through
+    _finish_run, side by side as Ray tasks (their Train jobs take CPUs as they become free)."""
     import ray
     from ray import tune
 
-    sweep, bundle = config["sweep"], config["bundle"]
-    options = dict(sweep["ray_options"])
-    packed = int(sweep.get("pack", 1)) > 1
-    if packed:
-        _train_bundle(sweep, bundle, options)
-    points = []                                      # (label, group, variant, stage-1 marker)
-    for group in bundle["groups"]:
-        label = f"{group['key']}/" if len(bundle["groups"]) > 1 else ""
-        marker = _shared_stage_1(sweep, group, options) if _is_shared(group) else None
-        points += [(label, group, variant, marker) for variant in group["variants"]]
+    sweep = SweepSettings(**config["sweep"])
+    parent, bundle = config["parent_run_id"], config["bundle"]
+    options = dict(config["ray_options"])
+    runs = plan_runs(sweep, bundle)
+    _train_jobs(sweep, parent, runs, options, bundle["key"])
+    points = [run for run in runs if run.role == "trial"]
     if len(points) > 1:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        # Side by side, outside the trial's placement group (its 0.01 CPU), like the trial's Ray
-        # Train jobs. After packs a task only evaluates (a worker's CPU share); otherwise each
-        # task drives its run's Train jobs (which hold the workers' CPUs, queued by Ray until
-        # CPUs are free) and then evaluates: every stage 2 of a shared stage 1 starts as soon
-        # as CPUs allow instead of after the previous run's evaluation.
+        # Side by side, outside the trial's placement group (its 0.01 CPU). After packs a task
+        # only evaluates (a worker's CPU share); otherwise each task drives its run's Train jobs
+        # (which hold the workers' CPUs, queued by Ray until CPUs are free) and then evaluates.
         task = ray.remote(_finish_run).options(
-            num_cpus=options["cpus_per_worker"] if packed else 0.01,
+            num_cpus=options["cpus_per_worker"] if sweep.pack > 1 else 0.01,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-        summaries = ray.get([task.remote(sweep, group, variant, marker, options)
-                             for _, group, variant, marker in points])
+        summaries = ray.get([task.remote(sweep, parent, run, options) for run in points])
     else:
-        summaries = [_finish_run(sweep, group, variant, marker, options)
-                     for _, group, variant, marker in points]
+        summaries = [_finish_run(sweep, parent, run, options) for run in points]
     metrics: dict[str, Any] = {"bundle": bundle["key"]}
-    for (label, _, variant, _), summary in zip(points, summaries):
+    for run, summary in zip(points, summaries):
+        label = f"{run.group}/" if len(bundle["groups"]) > 1 else ""
         for k, v in (summary.get("eval") or {}).items():
-            metrics[f"{label}{variant}/{k}"] = v
-        metrics[f"{label}{variant}/best_val"] = summary["best_val"]
+            metrics[f"{label}{run.variant}/{k}"] = v
+        metrics[f"{label}{run.variant}/best_val"] = summary["best_val"]
     tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
 
 
@@ -370,9 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train stage 1 separately for every variant")
     p.add_argument("--pack", default="auto",
                    help="train up to K runs of one architecture (seeds, optimisers, variants) "
-                        "as one packed model per trial (tsdsae.packed_train); 'auto' = 1 (one "
-                        "run after another): packing measured no faster on CPU and only from "
-                        "K = 32 on an H200 (README); try 64 where a trial has a GPU of 40 GB")
+                        "in one trainer per stage (one Ray Train job); 'auto' = 1 (a job per "
+                        "run and stage): a pack saves job start-ups and data loading, not "
+                        "compute")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep of the same --name (Tuner.restore)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
@@ -382,75 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also show the output of Ray's workers here (default: it stays in Ray's "
                         "log files, /tmp/ray/session_latest/logs)")
     return p
-
-
-class ProgressPrinter:
-    """Prints one line about the sweep's runs every `every` seconds while Tune runs: each child
-    run's epochs so far out of its stage's budget (read from the per-epoch metrics the runs log
-    to MLflow), so the console shows training progress while worker output stays in Ray's logs.
-    """
-
-    def __init__(self, tracking_uri: str, parent_run_id: str, every: float = 60.0):
-        import threading
-
-        self.uri, self.parent, self.every = tracking_uri, parent_run_id, every
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="sweep-progress", daemon=True)
-        self.t0 = time.time()
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self.stop.wait(self.every):
-            try:
-                line = self.line()
-            except Exception:   # noqa: BLE001 - progress is a courtesy; never fail the sweep
-                continue
-            if line:
-                print(line, flush=True)
-
-    def line(self) -> str:
-        """'[12.5 min] stage 1 (shared) z32 s831 40/50 epochs | dsae z32 s831 done | 2 starting
-        or waiting for CPUs', or '' before any run has started."""
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(self.uri)
-        exp = client.get_run(self.parent).info.experiment_id
-        runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{self.parent}'")
-        parts, waiting = [], 0
-        for run in sorted(runs, key=lambda r: r.info.run_name or ""):
-            p, tags = run.data.params, run.data.tags
-            shared = tags.get(ROLE_TAG) == "shared_stage_1"
-            name = "stage 1 (shared)" if shared else tags.get(f"grid.{VARIANT_KEY}", "?")
-            z = tags.get("grid.model.z_dim")
-            seed = tags.get("grid.seed")
-            label = name + (f" z{z}" if z else "") + (f" s{seed}" if seed else "")
-            if run.info.status == "FINISHED":
-                parts.append(f"{label} done")
-                continue
-            if run.info.status != "RUNNING" or "schedule.max_epochs" not in p:
-                continue
-            total, switch = int(p["schedule.max_epochs"]), int(p.get("schedule.switch_epoch", 0))
-            if shared:
-                total = switch
-            elif tags.get("tsdsae.shared_stage_1") == "True":
-                total -= switch                  # a forked stage 2 logs its own epochs only
-            epochs = len(client.get_metric_history(run.info.run_id, "stage"))
-            if epochs:
-                parts.append(f"{label} {epochs}/{total} epochs")
-            else:
-                waiting += 1                    # started, waiting for CPUs (or loading data)
-        if waiting:
-            parts.append(f"{waiting} starting or waiting for CPUs")
-        if not parts:
-            return ""
-        return f"[{(time.time() - self.t0) / 60:.1f} min] " + " | ".join(parts)
 
 
 def _sweep_settings(args) -> tuple[Any, list[str]]:
@@ -482,12 +234,8 @@ def _ray_options(args) -> dict:
 
 
 def pack_size(args) -> int:
-    """--pack as a number: 'auto' is 1, one run after another, on CPU and on GPUs alike. Measured
-    with benchmarks/packed_rate.py (README "Packed trials"): on CPU packing is no faster; on an
-    H200 the fused pass takes about 300 ms a step whatever K (launch-bound), so packs beat one run
-    after another only from K = 32 (x1.3 TS-DSAE stage 2) and K = 64 (x1.7 DSAE, x2.1 TS-DSAE
-    stage 2, 35 GB), too much memory for a default. Raises UsageError for anything but 'auto' or
-    a positive integer."""
+    """--pack as a number: 'auto' is 1 (a job per run and stage). Raises UsageError for anything
+    but 'auto' or a positive integer."""
     if args.pack == "auto":
         return 1
     try:
@@ -495,57 +243,8 @@ def pack_size(args) -> int:
     except ValueError:
         size = 0
     if size < 1:
-        raise UsageError(f"--pack {args.pack!r}: give a positive number of members or 'auto'")
+        raise UsageError(f"--pack {args.pack!r}: give a positive number of runs or 'auto'")
     return size
-
-
-def _bundles(groups: list, preset: str, size: int) -> list[dict]:
-    """Trial groups (tune.grid.TrialGroup) as Tune trials: one group per trial unpacked
-    (size 1); packed, the groups whose runs can share a pack (tsdsae.packed_train.pack_signature
-    and the same switch epoch: seeds, optimisers, variants of one architecture on one dataset)
-    go into one trial, as many as keep each of its two packs (see _train_bundle: one member per
-    group for the first stages, one per shared variant for stage 2) within `size` members.
-    Returns [{"key", "groups": [group dicts]}]."""
-    from tsdsae.packed_train import pack_signature
-
-    def as_dict(g) -> dict:
-        return {"key": g.key, "overrides": g.overrides, "variants": list(g.variants),
-                "coords": g.coords}
-
-    if size <= 1:
-        return [{"key": g.key, "groups": [as_dict(g)]} for g in groups]
-    by_signature: dict[Any, list] = {}
-    for g in groups:
-        cfg = apply_overrides(PRESETS[preset](), {**g.overrides, VARIANT_KEY: g.variants[0]})
-        signature = (pack_signature(cfg), cfg.schedule.switch_epoch)
-        by_signature.setdefault(signature, []).append(as_dict(g))
-    out = []
-    for members in by_signature.values():
-        bundle: list[dict] = []
-        for g in members:
-            stage_2 = len(g["variants"]) if _is_shared(g) else 0
-            if bundle and (len(bundle) + 1 > size or sum(
-                    len(b["variants"]) for b in bundle if _is_shared(b)) + stage_2 > size):
-                out.append(bundle)
-                bundle = []
-            bundle.append(g)
-        out.append(bundle)
-    return [{"key": group_key({"groups": [g["key"] for g in b]}), "groups": b} for b in out]
-
-
-def concurrent_trials(options: dict, resources: dict | None = None) -> int:
-    """How many trials run at once: as many training runs as the cluster's CPUs and GPUs hold
-    (each trial process itself holds 0.01 CPU). Trials beyond that would start, hold their
-    0.01 CPU and wait, which can leave too little for the next run's workers."""
-    import ray
-
-    resources = resources if resources is not None else ray.cluster_resources()
-    workers = options["num_workers"]
-    per_trial = workers * options["cpus_per_worker"] + 0.01
-    n = int(resources.get("CPU", 1) // per_trial)
-    if options.get("use_gpu"):
-        n = min(n, int(resources.get("GPU", 0) // (workers * options["gpus_per_worker"])))
-    return max(1, n)
 
 
 def run_sweep(args) -> dict:
@@ -567,9 +266,9 @@ def run_sweep(args) -> dict:
     tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
     n_points = sum(len(g.variants) for g in groups)
     pack = pack_size(args)
-    bundles = _bundles(groups, grid.preset, pack)
+    trials = bundles(groups, pack)
     packing = f", packs of up to {pack} runs" if pack > 1 else ""
-    print(f"sweep {name}: grid {grid.name} ({n_points} runs in {len(bundles)} trial{'s' * (len(bundles) != 1)}{packing}), "
+    print(f"sweep {name}: grid {grid.name} ({n_points} runs in {len(trials)} trial{'s' * (len(trials) != 1)}{packing}), "
           f"datasets {datasets}, storage {storage.uri}, MLflow {redact_url(tracking_uri)}",
           flush=True)
 
@@ -577,14 +276,15 @@ def run_sweep(args) -> dict:
     parent = tracking.open_run(tracking_uri, args.experiment, f"sweep:{storage.uri}",
                                run_name=name, tags={ROLE_TAG: "sweep", "tsdsae.grid": grid.name})
     parent.log_params({"grid": grid.name, "grid_file": grid.source, "runs": n_points,
-                       "trials": len(bundles), "datasets": json.dumps(datasets),
+                       "trials": len(trials), "datasets": json.dumps(datasets),
                        "axes": json.dumps(grid.axes), "fixed": json.dumps(grid.fixed),
                        "share_stage_1": not args.no_share_stage_1, "pack": pack})
-    sweep = {"name": name, "preset": grid.preset, "checkpoint_root": f"{storage.uri}/runs",
-             "tracking_uri": tracking_uri, "experiment": args.experiment,
-             "parent_run_id": parent.run_id, "endpoint_url": args.endpoint_url or "",
-             "ray_options": _ray_options(args), "pack": pack}
-    param_space = {"sweep": sweep, "bundle": tune.grid_search(bundles)}
+    sweep = SweepSettings(name=name, preset=grid.preset, checkpoint_root=f"{storage.uri}/runs",
+                          tracking_uri=tracking_uri, experiment=args.experiment,
+                          endpoint_url=args.endpoint_url or "", pack=pack)
+    options = _ray_options(args)
+    param_space = {"sweep": dataclasses.asdict(sweep), "parent_run_id": parent.run_id,
+                   "ray_options": options, "bundle": tune.grid_search(trials)}
 
     if not ray.is_initialized():
         # The console shows the sweep's own lines and Tune's status table; what Ray's worker
@@ -606,8 +306,8 @@ def run_sweep(args) -> dict:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(
-                    max_concurrent_trials=(args.max_concurrent_trials
-                                           or concurrent_trials(sweep["ray_options"])),
+                    max_concurrent_trials=(args.max_concurrent_trials or concurrent_trials(
+                        options, ray.cluster_resources())),
                     trial_dirname_creator=lambda t: f"trial_{t.config['bundle']['key']}",
                     trial_name_creator=lambda t: f"{name}-{t.config['bundle']['key']}"),
                 run_config=tune.RunConfig(name=name, storage_path=tune_path,

@@ -24,9 +24,12 @@ act on the plain model as usual) and evaluates them with four CPU techniques:
 4. A fused masked KL (`masked_kl_mean`) with a hand-written backward: a few passes over the
    (B, T, Z) tensors instead of the ~30 autograd records for the composed expression.
 
-Recurrent pieces (LSTMs, autoregressive posteriors) run the plain modules. Every option of
-ModelConfig is supported; `supports(model)` is False when an MLP is not Linear -> Tanh (e.g. a
-module edited to another nonlinearity), and `for_device` then returns the plain model.
+Building blocks, chosen when the pass is built (`training_pass`): each factor's MLP runs in
+sigmoid form when it is Linear -> Tanh, and otherwise runs as its plain module (a module edited
+to another nonlinearity, dropout, ...), its output handed on in sigmoid form (y + 1) / 2; the
+folds of technique 3 apply only where every MLP they touch is Linear -> Tanh. Recurrent pieces
+(LSTMs, autoregressive posteriors) run the plain modules. `plain_blocks(model)` names the MLPs
+that run plain, and `training_pass` reports them once. Every option of ModelConfig is covered.
 """
 from __future__ import annotations
 
@@ -36,8 +39,14 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from tsdsae.model.dsae import DSAE, Outputs, inverse_permutation
+import dataclasses
+import logging
+from typing import Callable
+
 from tsdsae.model.layers import MLP, DiagNormal, GaussianHead, masked_mean, normal
 from tsdsae import losses
+
+logger = logging.getLogger(__name__)
 
 # -- 1. oneDNN linears ----------------------------------------------------------------------------
 
@@ -124,7 +133,10 @@ def mlp_half_from_first(mlp: MLP, pre2: torch.Tensor) -> torch.Tensor:
 
 
 def mlp_half(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
-    """Sigmoid form s of mlp(x): mlp(x) = 2s - 1. x (..., D) -> (..., H)."""
+    """Sigmoid form s of mlp(x): mlp(x) = 2s - 1. x (..., D) -> (..., H). An MLP that is not
+    Linear -> Tanh runs as its plain module (the fallback block)."""
+    if not _is_tanh_mlp(mlp):
+        return (mlp(x) + 1.0) * 0.5
     first = _linears(mlp)[0]
     return mlp_half_from_first(mlp, linear(x, 2.0 * first.weight, 2.0 * first.bias))
 
@@ -199,26 +211,19 @@ def masked_kl_mean(q: DiagNormal, p: DiagNormal, mask: torch.Tensor) -> torch.Te
 
 # -- the pass -------------------------------------------------------------------------------------
 
-def _mlps(model: DSAE) -> list[MLP]:
-    return [m for m in model.modules() if isinstance(m, MLP)]
-
-
-def supports(model: DSAE) -> bool:
-    """Whether every MLP of `model` is Linear -> Tanh, the form the sigmoid trick assumes."""
-    return all(_is_tanh_mlp(m) for m in _mlps(model))
+def plain_blocks(model: DSAE) -> list[str]:
+    """The MLPs of `model` that are not Linear -> Tanh: the fast pass runs them as their plain
+    modules (names as in model.named_modules())."""
+    return [name for name, m in model.named_modules() if isinstance(m, MLP)
+            and not _is_tanh_mlp(m)]
 
 
 class FastDSAE(nn.Module):
     """`DSAE.forward` of `model` (same signature, same Outputs), faster on CPU; the loss pairs
-    it with `masked_kl_mean` (tsdsae.train_step). Its parameters are the model's.
-
-    Raises ValueError when `supports(model)` is False.
-    """
+    it with `masked_kl_mean` (tsdsae.train_step). Its parameters are the model's."""
 
     def __init__(self, model: DSAE):
         super().__init__()
-        if not supports(model):
-            raise ValueError("fast_cpu needs every MLP of the model to be Linear -> Tanh")
         self.model = model
 
     # the factors, as in the plain modules --------------------------------------------------------
@@ -263,7 +268,7 @@ class FastDSAE(nn.Module):
         """Sigmoid form of the decoder MLP's last hidden layer for K pairings of the same z:
         z (B, T, Z), vs (K, B, V) -> (K, B, T, H)."""
         mlp = self.model.likelihood.net.mlp
-        first = _linears(mlp)[0]
+        first = _linears(mlp)[0]          # callers check _is_tanh_mlp(mlp)
         z_dim = z.shape[-1]
         w = 2.0 * first.weight                                               # sigmoid form: 2a
         hz = linear(z, w[:, :z_dim])                                         # (B, T, H)
@@ -273,7 +278,7 @@ class FastDSAE(nn.Module):
     def decode_many(self, z: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Means of p(x | z, v) for K pairings: z (B, T, Z), vs (K, B, V) -> (K, B, T, F)."""
         lik = self.model.likelihood
-        if lik.net.kind == "^":
+        if lik.net.kind == "^" and _is_tanh_mlp(lik.net.mlp):
             return linear(self.decoder_hidden(z, vs), *on_half(lik.out.weight, lik.out.bias))
         k, b, _ = vs.shape
         t = z.shape[1]
@@ -285,8 +290,11 @@ class FastDSAE(nn.Module):
     # the pass ------------------------------------------------------------------------------------
 
     def _folds_reencoding(self) -> bool:
-        cfg = self.model.cfg
-        return cfg.v_posterior == "^" and cfg.z_feature == "^" and cfg.likelihood == "^"
+        cfg, m = self.model.cfg, self.model
+        return (cfg.v_posterior == "^" and cfg.z_feature == "^" and cfg.likelihood == "^"
+                and all(_is_tanh_mlp(mlp) for mlp in (m.v_posterior.encoder.mlp,
+                                                      m.z_posterior.features.mlp,
+                                                      m.likelihood.net.mlp)))
 
     def _reencode_folded(self, s: torch.Tensor, mask: torch.Tensor, v_sample: bool,
                          z_sample: bool) -> tuple[DiagNormal, DiagNormal]:
@@ -339,12 +347,28 @@ class FastDSAE(nn.Module):
         return Outputs(qv, v, qz, z, pz, x_mean.squeeze(0), qv_swap, qz_swap)
 
 
-def for_device(model: DSAE, device: torch.device | str) -> nn.Module:
-    """The module a trainer runs the pass with: FastDSAE(model) on CPU where supported, else
-    the plain model (on CUDA the plain model runs in cuBLAS/cuDNN and needs none of this)."""
-    if torch.device(device).type == "cpu" and supports(model):
-        return FastDSAE(model)
-    return model
+@dataclasses.dataclass(frozen=True)
+class TrainingPass:
+    """How a run's training passes are computed: `module` (same signature and Outputs as
+    DSAE.forward) and `masked_kl`, the KL_z averaging it is paired with (tsdsae.train_step)."""
+
+    module: nn.Module
+    masked_kl: Callable[..., torch.Tensor]
 
 
-__all__ = ["FastDSAE", "for_device", "linear", "masked_kl_mean", "supports"]
+def training_pass(model: DSAE, device: torch.device | str) -> TrainingPass:
+    """The pass a trainer runs for `model` on `device`: FastDSAE and the fused masked KL on CPU,
+    the plain model and tsdsae.losses.masked_kl_mean elsewhere (on CUDA the plain model runs in
+    cuBLAS/cuDNN and needs none of this). MLPs the fast blocks do not cover run plain, said once
+    in a warning."""
+    if torch.device(device).type != "cpu":
+        return TrainingPass(model, losses.masked_kl_mean)
+    plain = plain_blocks(model)
+    if plain:
+        logger.warning("fast CPU pass: %s not Linear -> Tanh, so they run as plain modules "
+                       "(slower; the result is the same)", ", ".join(plain))
+    return TrainingPass(FastDSAE(model), masked_kl_mean)
+
+
+__all__ = ["FastDSAE", "TrainingPass", "training_pass", "plain_blocks", "linear",
+           "masked_kl_mean"]

@@ -4,39 +4,15 @@ CPU speed-ups live apart, in tsdsae.model.fast_cpu.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Callable, Iterator
-
 import torch
 from torch import nn
 from torch.distributions import Distribution, Normal
 
 
-# Where reparameterisation noise comes from: None = torch's global generator (a single run);
-# tsdsae.model.packed installs a per-member source while a pack runs.
-NoiseSource = Callable[[torch.Size, torch.dtype, torch.device], torch.Tensor]
-_NOISE: contextvars.ContextVar[NoiseSource | None] = contextvars.ContextVar("tsdsae_noise",
-                                                                            default=None)
-
-
 def standard_normal(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """eps ~ N(0, I) of `shape`: from the installed noise source (see `noise_source`), else
-    torch's global generator (`normal_()`, the draws of torch's own Normal.rsample)."""
-    source = _NOISE.get()
-    if source is None:
-        return torch.empty(shape, dtype=dtype, device=device).normal_()
-    return source(torch.Size(shape), dtype, device)
-
-
-@contextlib.contextmanager
-def noise_source(source: NoiseSource | None) -> Iterator[None]:
-    """Draw every reparameterisation noise inside the block from `source(shape, dtype, device)`."""
-    token = _NOISE.set(source)
-    try:
-        yield
-    finally:
-        _NOISE.reset(token)
+    """eps ~ N(0, I) of `shape` from torch's global generator (`normal_()`, the draws of
+    torch's own Normal.rsample)."""
+    return torch.empty(shape, dtype=dtype, device=device).normal_()
 
 
 class DiagNormal(Normal):

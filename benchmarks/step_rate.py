@@ -7,7 +7,7 @@ Prints one JSON line per configuration. With no --model/--stage/--z-dim it runs 
 stage 1 and stage 2 at z_dim 8 and 32 (with --ray: TS-DSAE stage 2 at z_dim 32). The step runs
 the trainer's pass (tsdsae.model.fast_cpu's on CPU); --plain times the plain model instead.
 
---ray: the same step inside Ray Train workers (tsdsae.ray_train's DDP wrapper and weighted
+--ray: the same step inside Ray Train workers (tsdsae.trainer.Ranks' DDP wrapper and weighted
 gradient all-reduce), the global batch split across N workers, next to the single-process rate:
 `vs_single` = Ray steps/s / single-process steps/s and `overhead_pct` = 100 * (1 - vs_single),
 both measured in steady state (warm-up steps excluded); `job_s` is the whole TorchTrainer run
@@ -115,7 +115,8 @@ def _ray_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from tsdsae.ray_train import BatchShare, configure_device, ddp_wrap
+    from tsdsae.ray_train import configure_device
+    from tsdsae.trainer import Ranks
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -123,9 +124,9 @@ def _ray_worker(config: dict) -> None:
     keep_freed_memory()     # as the trainer does in every worker
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     configure_device(device)
-    share = BatchShare(world)
-    share.weight = len(torch.arange(config["batch"]).tensor_split(world)[rank]) / config["batch"]
-    wrap = (lambda m: ddp_wrap(m, device, share)) if world > 1 else None
+    ranks = Ranks(rank, world)
+    ranks.share = len(torch.arange(config["batch"]).tensor_split(world)[rank]) / config["batch"]
+    wrap = (lambda m: ranks.wrap(m, device)) if world > 1 else None
     step = setup_step(config["model"], config["stage"], config["z_dim"], config["batch"],
                       config["frames"], device, rank, world, wrap)
     dt = time_steps(step, device, config["steps"], config["warmup"])

@@ -12,8 +12,8 @@ import torch
 
 from tsdsae import checkpoint, tracking
 from tsdsae.config import apply_overrides, debug, to_flat
-from tsdsae.ray_train import (RayOptions, RunWatcher, driver_config, split_config,
-                              train_driver_fn)
+from tsdsae.progress import RunWatcher
+from tsdsae.ray_train import RayOptions, driver_config, split_config, train_driver_fn
 from tsdsae.runs import PROGRESS, Job, pack_jobs, resolve_locations, run_jobs
 from tsdsae.storage import open_store
 from tsdsae.toy import make_toy_dataset
@@ -220,6 +220,25 @@ def test_two_gloo_workers_match_a_single_process_run(tmp_path, ray_cluster, mlfl
     assert again == json.loads(json.dumps(summary))
     runs = client.search_runs([run.info.experiment_id])
     assert [r.info.run_id for r in runs] == [run.info.run_id]
+
+
+def test_a_run_started_on_one_process_continues_on_two_ray_workers(tmp_path, ray_cluster):
+    """One resume rule: a run trained on one process up to epoch 2 (into stage 2, its last.pt and
+    stage-1 marker written) is continued by `--num-workers 2` from that last.pt: the stage-1 job
+    is skipped, the stage-2 job trains epoch 3 only, and the history holds every epoch once."""
+    cfg = _debug(tmp_path, "moved", "schedule.switch_epoch=2", "schedule.max_epochs=4",
+                 "checkpoint.every=1")
+    here = Trainer(cfg, progress=False, until=[3])
+    here.fit()
+    assert here.run.epoch == 3 and (tmp_path / "moved" / "stage_1.json").exists()
+    summary = train_driver_fn(driver_config(cfg, num_workers=2, cpus_per_worker=1,
+                                            evaluate=False))
+    assert summary["epochs_run"] == 4
+    final = checkpoint.load(summary["last_checkpoint"])
+    assert [h["epoch"] for h in final["history"]] == [0, 1, 2, 3]
+    assert [h["val_loss"] for h in final["history"][:3]] == [h["val_loss"]
+                                                            for h in here.run.history]
+    assert not (tmp_path / "moved" / "stage_1").exists()       # no stage-1 job ran
 
 
 def _upload(folder: Path, uri: str, endpoint: str) -> None:

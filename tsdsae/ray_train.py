@@ -27,10 +27,8 @@ returns the stored summary when the run is complete.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,11 +36,11 @@ import torch
 
 from tsdsae import checkpoint, tracking
 from tsdsae.config import PRESETS, RunConfig, apply_overrides
-from tsdsae.runs import (DIVERGED, PROGRESS, RESULT, Job, RunFolder, pending,
+from tsdsae.runs import (DIVERGED, RESULT, Job, RunFolder, pending,
                          resolve_locations, run_jobs)
-from tsdsae.storage import open_store
 from tsdsae.train_step import keep_freed_memory
-from tsdsae.trainer import Run, Trainer, TrainingDiverged, load_data
+from tsdsae.progress import RunWatcher, write_progress
+from tsdsae.trainer import Trainer, TrainingDiverged, load_data
 
 logger = logging.getLogger(__name__)
 
@@ -292,85 +290,6 @@ def check_job(job: Job) -> None:
                                f"the stage; rerun to resume it from {folder.last}")
 
 
-PROGRESS_KEEP = 32                 # epochs kept in progress.json (the collapse rule needs a few)
-PROGRESS_KEYS = ("epoch", "stage", "seconds", "train_loss", "train_recon", "train_kl_z",
-                 "train_kl_v", "val_loss")
-
-
-def write_progress(run: Run) -> None:
-    """Rank 0, after each epoch: the run's last PROGRESS_KEEP epoch records (PROGRESS_KEYS) to
-    its folder's progress.json, which the driver's RunWatcher reads."""
-    records = [{k: r[k] for k in PROGRESS_KEYS if k in r} for r in run.history[-PROGRESS_KEEP:]]
-    run.folder.write_json(PROGRESS, {"records": records})
-
-
-class RunWatcher:
-    """The driver's view of a Ray run while its stage jobs train: a thread that reads the run
-    folder's progress.json every `every` seconds and feeds each new epoch record to the progress
-    line (tsdsae.trainer.epoch_bar, with tsdsae.monitor.TimeLeft; when `show`) and to
-    tsdsae.monitor.CollapseWatch, whose warning is printed and tagged on `tracker`.
-    Use as a context manager; the last records are read once more on exit."""
-
-    def __init__(self, cfg: RunConfig, location: str, tracker: tracking.Tracker,
-                 show: bool = True, every: float = 2.0):
-        import threading
-
-        from tsdsae.monitor import CollapseWatch, TimeLeft
-
-        s = cfg.schedule
-        self.cfg, self.tracker, self.show, self.every = cfg, tracker, show, every
-        self.store = open_store(location, cfg.data.endpoint_url or None)
-        self.left = TimeLeft(s.variant, s.switch_epoch, s.max_epochs)
-        self.watch = CollapseWatch(s.variant, s.switch_epoch, name=cfg.name)
-        self.seen = -1
-        self.bar = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="tsdsae-watch")
-
-    def poll(self) -> None:
-        """Read progress.json once and take in the epochs not seen yet."""
-        from tsdsae.storage import StorageError
-        from tsdsae.trainer import epoch_bar, show_epoch
-
-        try:
-            records = json.loads(self.store.read_bytes(PROGRESS))["records"]
-        except (OSError, StorageError, ValueError, KeyError, TypeError):
-            return     # not written yet, being replaced, or storage briefly unreachable: later
-        for record in records if isinstance(records, list) else []:
-            try:
-                if int(record["epoch"]) <= self.seen:
-                    continue
-                self.left.update(record)
-                warning = self.watch(record)
-            except (KeyError, TypeError, ValueError):      # not an epoch record: skipped
-                continue
-            self.seen = int(record["epoch"])
-            if self.show:
-                if self.bar is None:
-                    self.bar = epoch_bar(self.cfg, self.seen)
-                show_epoch(self.bar, record, self.left)
-            if warning:
-                from tqdm.auto import tqdm
-
-                tqdm.write(warning, file=sys.stderr)
-                self.tracker.set_tags(self.watch.tags())
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self.poll()
-
-    def __enter__(self) -> "RunWatcher":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.poll()
-        if self.bar is not None:
-            self.bar.close()
-
-
 def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None,
                     epoch_callbacks: Sequence[EpochCallback] = ()) -> dict:
     """Train one run on Ray: each stage that has no marker yet as its own DDP job, in order,
@@ -481,4 +400,4 @@ def driver_config(cfg: RunConfig, **options) -> dict:
 
 __all__ = ["RayOptions", "WORKER_ENV", "split_config", "train_loop_per_worker", "run_job",
            "check_job", "train_driver_fn", "driver_config", "configure_device", "runtime_env",
-           "scaling_config", "RunWatcher", "write_progress"]
+           "scaling_config"]

@@ -40,6 +40,7 @@ from tsdsae.model import fast_cpu
 from tsdsae.model.dsae import DSAE
 from tsdsae.model.layers import normal
 from tsdsae.monitor import TimeLeft
+from tsdsae.progress import epoch_bar, show_epoch
 from tsdsae.runs import RunFolder, StageMarker
 from tsdsae.train_step import build_optimizer, eval_step, train_step
 def resolve_device(name: str) -> torch.device:
@@ -121,26 +122,6 @@ def check_finite(record: dict, run: str, last_good: str | None) -> None:
             f"{run}: training diverged at epoch {record['epoch']} ({bad[0]} = "
             f"{record[bad[0]]}{', and ' + ', '.join(bad[1:3]) if len(bad) > 1 else ''}); "
             f"{kept}; lower optim.lr or check the data for extreme values")
-
-
-def epoch_bar(cfg: RunConfig, initial: int, disable: bool = False) -> tqdm:
-    """The one updating progress line of a run (epochs done of schedule.max_epochs); the time
-    left is tsdsae.monitor.TimeLeft's (stage-aware), not tqdm's average rate."""
-    return tqdm(total=cfg.schedule.max_epochs, initial=initial, disable=disable,
-                desc=f"{cfg.name} [{cfg.schedule.variant}]", unit="epoch", dynamic_ncols=True,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} epochs "
-                           "[{elapsed}{postfix}]")
-
-
-def show_epoch(bar: tqdm, record: dict, left: TimeLeft) -> None:
-    """Move `bar` to the end of `record`'s epoch and show its losses and the time left."""
-    bar.n = int(record["epoch"]) + 1
-    terms = [f"stage {record.get('stage', '?')}"] + [
-        f"{name} {record[key]:.4f}" for name, key in (
-            ("loss", "train_loss"), ("recon", "train_recon"), ("kl_z", "train_kl_z"),
-            ("kl_v", "train_kl_v"), ("val", "val_loss")) if key in record]
-    eta = left.text()
-    bar.set_postfix_str(", ".join(([eta] if eta else []) + terms))
 
 
 # -- data-parallel ranks --------------------------------------------------------------------------
@@ -503,13 +484,15 @@ class Trainer:
         return self.runs[0]
 
     def resume(self) -> list[bool]:
-        """Every run by the one resume rule (Run.resume). Raises checkpoint.CheckpointError when
-        a state does not fit, ValueError when a run's state is past its `until`."""
+        """Every run by the one resume rule (Run.resume). A run whose state is already at or past
+        this trainer's `until` has nothing to do here; its stage marker is written if it is
+        missing (a state written before markers existed). Raises checkpoint.CheckpointError
+        when a state does not fit."""
         out = [run.resume(start) for run, start in zip(self.runs, self.starts)]
         for run in self.runs:
-            if run.epoch > run.end:
-                raise ValueError(f"{run.cfg.name}: its state ends at epoch {run.epoch - 1}, past "
-                                 f"the epochs this job trains (up to {run.end - 1})")
+            ended = [r for r in run.history if r["epoch"] == min(run.epoch, run.end) - 1]
+            if self.save and run.done and ended and run.folder.marker(ended[0]["stage"]) is None:
+                run.folder.write_marker(run.marker(ended[0]))
         return out
 
     def _after_epoch(self, run: Run, record: dict) -> None:
@@ -582,4 +565,4 @@ def _as(split: Split, device: torch.device, dtype: torch.dtype) -> Split:
 
 __all__ = ["Trainer", "Run", "Ranks", "TrainingDiverged", "check_packable", "batch_parts",
            "batch_indices", "epoch_seed", "load_data", "resolve_device", "PriorCache",
-           "epoch_bar", "show_epoch", "check_finite"]
+           "check_finite"]

@@ -107,8 +107,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def on_half(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', b') with W' s + b' = W (2s - 1) + b: a linear map of a tanh output y = 2s - 1,
-    rewritten to act on its sigmoid form s. weight (..., O, I), bias (..., O): also a pack's
-    stacked (K, O, I) weights (tsdsae.model.packed)."""
+    rewritten to act on its sigmoid form s. weight (O, I), bias (O,)."""
     shift = -weight.sum(dim=-1)
     return 2.0 * weight, shift if bias is None else bias + shift
 

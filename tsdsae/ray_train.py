@@ -137,6 +137,18 @@ def runtime_env() -> dict:
     return {"env_vars": env}
 
 
+def init_ray(address: str | None = None, worker_logs: bool = True) -> None:
+    """Connect to the Ray cluster at `address` (default: RAY_ADDRESS, else start a local one)
+    with runtime_env(). `worker_logs` off: what Ray's processes print stays in Ray's log files,
+    and so does Ray's start-up note on token authentication (on by default for a local Ray)."""
+    import ray
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.WARNING if worker_logs else logging.ERROR)
+    ray.init(address=address, runtime_env=runtime_env(), log_to_driver=worker_logs,
+             logging_level=logging.WARNING)
+
+
 # The Train workers' own environment (RunConfig.worker_runtime_env, merged over the job's), and
 # only theirs: MALLOC_ARENA_MAX=1. Ray Train runs the training loop in a thread of the worker
 # process, and glibc serves other threads from separate arenas, which do not keep freed
@@ -320,7 +332,7 @@ def train_driver_fn(config: Mapping[str, Any], callbacks: list | None = None,
     jobs = run_jobs(cfg, options.start or None)
     todo = [job for job in jobs if pending(job)[0]]
     if todo and not ray.is_initialized():
-        ray.init(runtime_env=runtime_env())
+        init_ray()
     tracker = tracking.start_run(
         cfg, tracking.run_key(folder.uri), parent_run_id=options.parent_run_id or None,
         tags={"tsdsae.run_dir": folder.uri, "tsdsae.num_workers": options.num_workers,
@@ -398,6 +410,6 @@ def driver_config(cfg: RunConfig, **options) -> dict:
     return {"run_config": cfg, **options}
 
 
-__all__ = ["RayOptions", "WORKER_ENV", "split_config", "train_loop_per_worker", "run_job",
+__all__ = ["RayOptions", "WORKER_ENV", "init_ray", "split_config", "train_loop_per_worker", "run_job",
            "check_job", "train_driver_fn", "driver_config", "configure_device", "runtime_env",
            "scaling_config"]

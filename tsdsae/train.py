@@ -301,7 +301,7 @@ def _train_on_ray(cfg, options: dict, args) -> dict:
     import ray
     import ray.train
 
-    from tsdsae.ray_train import runtime_env, train_driver_fn
+    from tsdsae.ray_train import init_ray, train_driver_fn
     from tsdsae.runs import RunFolder
 
     folder = RunFolder.of(cfg)
@@ -313,8 +313,7 @@ def _train_on_ray(cfg, options: dict, args) -> dict:
     if started_ray:                                            # finished: no Ray needed
         # The console shows this run's lines; what Ray's processes print stays in Ray's log
         # files unless --ray-logs.
-        ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=args.ray_logs,
-                 logging_level=logging.WARNING)
+        init_ray(args.address, worker_logs=args.ray_logs)
         print(f"Ray's logs (workers, Train controller): {ray_log_dir()}", file=sys.stderr,
               flush=True)
     if not args.quiet:    # one line per finished stage (tsdsae.ray_train's driver)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 import time
@@ -252,7 +251,7 @@ def run_sweep(args) -> dict:
     import ray
     from ray import tune
 
-    from tsdsae.ray_train import runtime_env
+    from tsdsae.ray_train import init_ray
     from tsdsae.train import ray_log_dir
     from tune.report import (log_report, rows_from_mlflow, scored_split, summarise, verdict,
                              write_report)
@@ -290,8 +289,7 @@ def run_sweep(args) -> dict:
         # The console shows the sweep's own lines and Tune's status table; what Ray's worker
         # processes print (trial and worker logs, Ray's own warnings) stays in Ray's log files
         # unless --ray-logs.
-        ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=args.ray_logs,
-                 logging_level=logging.WARNING)
+        init_ray(args.address, worker_logs=args.ray_logs)
     print(f"Ray's logs (workers, trials, Train controller): {ray_log_dir()}", flush=True)
     tune_path, filesystem = open_store(f"{storage.uri}/tune", args.endpoint_url).arrow_filesystem()
     trainable = tune.with_resources(trial_fn, {"cpu": 0.01})

@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                 cfg = step_budget(cfg, n_train, s1, s2)
                 t0 = time.perf_counter()
                 trainer = Trainer(cfg, data=data, progress=False)
-                result = trainer.fit(resume=False)
+                (result,) = trainer.fit(resume=False)
                 seconds = time.perf_counter() - t0
                 best = trainer.run.best_model()
                 test = evaluate(best, data, "test", device=trainer.device)

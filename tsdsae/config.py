@@ -86,10 +86,19 @@ class DataConfig:
     toy_seconds: float = 1.0     # toy clip length
     toy_instruments: int = 2
     toy_seed: int = 0
+    # Streaming the train split from its shards (tsdsae.data.stream) instead of holding it in
+    # memory: "auto" when its features exceed memory_budget_mb, "on", or "off".
+    stream: str = "auto"
+    memory_budget_mb: float = 4096.0
+    shuffle_buffer: int = 512    # clips in a streaming rank's shuffle buffer
 
     def __post_init__(self) -> None:
         if not self.uri:
             raise ValueError("data.uri must be 'toy' or a dataset URI (a folder or s3://bucket/prefix)")
+        if self.stream not in ("auto", "on", "off"):
+            raise ValueError(f"data.stream={self.stream!r} must be 'auto', 'on' or 'off'")
+        _positive("data.memory_budget_mb", self.memory_budget_mb)
+        _positive("data.shuffle_buffer", self.shuffle_buffer)
         _positive("data.toy_clips", self.toy_clips)
         _positive("data.toy_seconds", self.toy_seconds)
         if self.toy_instruments < 2:

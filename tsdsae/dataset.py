@@ -29,6 +29,26 @@ class MissingSplitError(KeyError, ValueError):
         return self.message
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch's draws on one rank (batch order, sampling noise)."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def batch_parts(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                world_size: int = 1) -> list[tuple[torch.Tensor, int]]:
+    """This rank's part of every global batch of one epoch, with the global batch's size.
+
+    The epoch's order is a permutation of n clips drawn from (seed, epoch): reshuffled every
+    epoch, the same for every rank. Each global batch of `batch_size` (the last one may be
+    short) is cut into `world_size` contiguous parts, so results do not depend on the number of
+    workers. A part may be empty (a last batch shorter than world_size).
+    """
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    order = torch.randperm(n, generator=g)
+    return [(batch.tensor_split(world_size)[rank], len(batch))
+            for batch in order.split(batch_size)]
+
+
 @dataclasses.dataclass
 class Split:
     """One split of a dataset, padded to a common length T.
@@ -71,6 +91,27 @@ class Split:
         return Split(self.features[index], self.mask[index], self.instrument[index],
                      self.notes[index], [self.keys[i] for i in index.tolist()], self.instruments,
                      None if self.audio is None else self.audio[index])
+
+    in_memory = True          # tsdsae.data.stream.StreamSplit: False
+
+    def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                world_size: int = 1
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor]]:
+        """This rank's part of every global batch of `epoch` (batch_parts): (features (b, T, F),
+        mask (b, T), b, the global batch's size, the clips' indices (b,)). An empty part (a last
+        batch shorter than world_size) is one stand-in clip with b = 0: every rank still gets
+        one entry per batch, which keeps the ranks' collective calls in step."""
+        for idx, size in batch_parts(len(self), batch_size, seed, epoch, rank, world_size):
+            count = len(idx)
+            if count == 0:
+                idx = torch.zeros(1, dtype=torch.long)
+            idx = idx.to(self.features.device)
+            yield self.features[idx], self.mask[idx], count, size, idx
+
+    def chunks(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(features, mask, instrument) of consecutive clips, `size` at a time, in order."""
+        for s in range(0, len(self), size):
+            yield self.features[s:s + size], self.mask[s:s + size], self.instrument[s:s + size]
 
     def to(self, device: torch.device | str) -> "Split":
         """Move the tensors (not the audio) to `device`, e.g. the whole split into GPU memory."""

@@ -47,11 +47,14 @@ def _batched(fn, n: int, batch: int):
 
 
 @torch.no_grad()
-def v_means(model: DSAE, split: Split, device, batch: int = 256) -> torch.Tensor:
-    def f(s):
-        x, m = split.features[s].to(device), split.mask[s].to(device)
-        return model.encode_means(x, m)[0].cpu()
-    return _batched(f, len(split), batch)
+def v_means(model: DSAE, split, device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior means of v (N, V) of every clip of `split` (in memory, or streamed in
+    manifest order) and their instrument labels (N,)."""
+    means, labels = [], []
+    for x, m, instrument in split.chunks(batch):
+        means.append(model.encode_means(x.to(device), m.to(device))[0].cpu())
+        labels.append(instrument.cpu())
+    return torch.cat(means), torch.cat(labels)
 
 
 def pair_other_instrument(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -194,7 +197,8 @@ def evaluate(model: DSAE, data: Dataset, split: str = "test", seed: int = 0,
     model = model.to(device).eval()
     train, ev = data["train"], data[split]
     lda = LinearDiscriminantAnalysis()
-    lda.fit(v_means(model, train, device).numpy(), train.instrument.numpy())
+    train_v, train_y = (t.numpy() for t in v_means(model, train, device))
+    lda.fit(train_v, train_y)
     y = ev.instrument.numpy()
     j = pair_other_instrument(y, seed)
     jt = torch.from_numpy(j)
@@ -220,8 +224,7 @@ def evaluate(model: DSAE, data: Dataset, split: str = "test", seed: int = 0,
         if kind == "gswap":      # row: the instrument of v's clip j; column: the one heard
             result["gswap_confusion"] = confusion_matrix(target, pred, labels=classes).tolist()
     result["instruments"] = list(ev.instruments)
-    result["lda_train_acc"] = float(lda.score(v_means(model, train, device).numpy(),
-                                              train.instrument.numpy()))
+    result["lda_train_acc"] = float(lda.score(train_v, train_y))
     result["n_eval"] = len(ev)
     if pitch:
         result.update(pitch_metrics(model, ev, j, device, crepe_model, pitch_clips,

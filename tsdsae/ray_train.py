@@ -179,7 +179,8 @@ def _load_worker_data(cfg: RunConfig, device: torch.device):
     if device.type == "cuda":
         # Pinned host memory: the one host-to-device copy of each split is a fast DMA.
         for split in data.splits.values():
-            split.features, split.mask = split.features.pin_memory(), split.mask.pin_memory()
+            if split.in_memory:
+                split.features, split.mask = split.features.pin_memory(), split.mask.pin_memory()
     return data
 
 

@@ -151,7 +151,8 @@ def main(argv=None) -> int:
 
 # Keys a rerun may change without becoming another run: where and what it logs, what the end
 # evaluation scores, the device, where and how often it checkpoints (a moved run folder).
-RERUN_MAY_CHANGE = ("tracking.", "eval.", "device", "checkpoint.", "data.endpoint_url")
+RERUN_MAY_CHANGE = ("tracking.", "eval.", "device", "checkpoint.", "data.endpoint_url",
+                    "data.stream", "data.memory_budget_mb", "data.shuffle_buffer")
 
 
 def check_run_folder(cfg, resume: bool = True) -> None:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from tsdsae import checkpoint, schedule
 from tsdsae.config import DataConfig, RunConfig, to_flat
-from tsdsae.dataset import Dataset, Split
+from tsdsae.dataset import Dataset, Split, batch_parts, epoch_seed
 from tsdsae.model import fast_cpu
 from tsdsae.model.dsae import DSAE
 from tsdsae.model.layers import normal
@@ -52,33 +52,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(cfg: DataConfig) -> Dataset:
-    """'toy' -> the synthetic dataset; anything else -> shards + manifest at that URI."""
+    """'toy' -> the synthetic dataset; anything else -> shards + manifest at that URI: every
+    split in memory, or the train split streamed (tsdsae.data.open_dataset: data.stream "on",
+    or "auto" with its features above data.memory_budget_mb)."""
     if cfg.uri == "toy":
         from tsdsae.toy import make_toy_dataset
         return make_toy_dataset(cfg.toy_clips, cfg.toy_seconds, cfg.toy_instruments,
                                 seed=cfg.toy_seed)
-    from tsdsae.data import load_dataset
-    return load_dataset(cfg.uri, endpoint_url=cfg.endpoint_url or None)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
-
-
-def batch_parts(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                world_size: int = 1) -> list[tuple[torch.Tensor, int]]:
-    """This rank's part of every global batch of one epoch, with the global batch's size.
-
-    The epoch's order is a permutation drawn from (seed, epoch): reshuffled every epoch, the same
-    for every rank. Each global batch of `batch_size` (the last one may be short) is cut into
-    `world_size` contiguous parts, so results do not depend on the number of workers. A part may
-    be empty (a last batch shorter than world_size); every rank still gets one entry per batch,
-    which keeps the ranks' collective calls in step.
-    """
-    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-    order = torch.randperm(n, generator=g)
-    return [(batch.tensor_split(world_size)[rank], len(batch))
-            for batch in order.split(batch_size)]
+    from tsdsae.data import open_dataset
+    return open_dataset(cfg.uri, cfg.endpoint_url or None, cfg.stream, cfg.memory_budget_mb,
+                        cfg.shuffle_buffer)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
@@ -184,18 +167,22 @@ def _fresh_early() -> dict:
 class Run:
     """The state of one run: model, optimiser, stage, early stopping, history, folder.
 
-    splits: {"train", "val"} on `device` (shared with the other runs of a trainer); `until`: the
-    epoch this trainer stops the run before (default: its max_epochs; a stage job's end on Ray).
+    splits: {"train", "val"}, tsdsae.dataset.Split on `device` or a streamed split
+    (tsdsae.data.stream.StreamSplit), shared with the other runs of a trainer; `until`: the epoch
+    this trainer stops the run before (default: its max_epochs; a stage job's end on Ray);
+    `dtype`: of the model and the batches (float64 for equivalence checks).
     """
 
-    def __init__(self, cfg: RunConfig, splits: dict[str, Split], device: torch.device,
-                 ranks: Ranks | None = None, until: int | None = None):
+    def __init__(self, cfg: RunConfig, splits: dict, device: torch.device,
+                 ranks: Ranks | None = None, until: int | None = None,
+                 dtype: torch.dtype = torch.float32):
         self.cfg, self.splits, self.device = cfg, splits, device
         self.ranks = ranks or Ranks()
         torch.manual_seed(cfg.seed)                        # deterministic initialisation
         self.model = DSAE(cfg.model).to(device)
-        if next(iter(splits.values())).features.dtype == torch.float64:
-            self.model.double()                            # float64 data: equivalence checks
+        self.dtype = dtype
+        if dtype == torch.float64:
+            self.model.double()                            # equivalence checks
         # the training pass: tsdsae.model.fast_cpu's equal, faster pass on CPU, else the model
         self.passes = fast_cpu.training_pass(self.model, device)
         self.step_model: torch.nn.Module = self.passes.module   # under DDP: its wrapper
@@ -293,7 +280,7 @@ class Run:
         self.prior_cache = {}
         if self.model.has_snapshot:
             self.prior_cache = {name: PriorCache(self.model, split)
-                                for name, split in self.splits.items()}
+                                for name, split in self.splits.items() if split.in_memory}
 
     def switch_stage(self) -> None:
         """Epoch C: snapshot the global encoder (informed prior) and restart early stopping."""
@@ -325,17 +312,13 @@ class Run:
         sums: dict[str, torch.Tensor] = {}
         weights = self.cfg.schedule.swap_weights
         seed = self.cfg.seed + (0 if train else 7)
-        parts = batch_parts(len(split), self.cfg.optim.batch_size, seed, epoch,
-                            self.ranks.rank, self.ranks.world_size)
-        for idx, batch_size in parts:
-            count = len(idx)
-            if count == 0:
-                # An empty part (a last batch shorter than world_size) still joins the gradient
-                # all-reduce and yields every term: one stand-in clip, weighted by 0.
-                idx = torch.zeros(1, dtype=torch.long)
-            idx = idx.to(self.device)
-            x, mask = split.features[idx], split.mask[idx]
-            prior = cache(idx) if cache is not None else None
+        # In memory: this rank's part of each global batch; streamed: the same parts from its
+        # share of the shards (tsdsae.data.stream). Streamed clips have no cached informed
+        # prior: the step evaluates the frozen snapshot on them (the same values).
+        for x, mask, count, batch_size, idx in split.batches(
+                self.cfg.optim.batch_size, seed, epoch, self.ranks.rank, self.ranks.world_size):
+            x, mask = x.to(self.device, self.dtype), mask.to(self.device)
+            prior = cache(idx) if cache is not None and idx is not None else None
             if train:
                 self.ranks.share = count / batch_size
                 terms = train_step(self.step_model, self.optimizer, x, mask, plan, weights, prior,
@@ -469,7 +452,7 @@ class Trainer:
         self.starts = list(starts) if starts is not None else [None] * len(cfgs)
         if len(until) != len(cfgs) or len(self.starts) != len(cfgs):
             raise ValueError(f"one `until` and one `start` per run ({len(cfgs)})")
-        self.runs = [Run(cfg, self.splits, self.device, self.ranks, u)
+        self.runs = [Run(cfg, self.splits, self.device, self.ranks, u, dtype)
                      for cfg, u in zip(cfgs, until)]
         for run in self.runs:
             run.callbacks.extend(callbacks or [])
@@ -556,9 +539,9 @@ class Trainer:
         return [run.summary() for run in self.runs]
 
 
-def _as(split: Split, device: torch.device, dtype: torch.dtype) -> Split:
+def _as(split, device: torch.device, dtype: torch.dtype):
     split = split.to(device)
-    if split.features.dtype != dtype:
+    if split.in_memory and split.features.dtype != dtype:
         split = Split(**{**split.__dict__, "features": split.features.to(dtype)})
     return split
 

@@ -102,3 +102,25 @@ def iter_split_samples(uri: str | os.PathLike, split: str, endpoint_url: str | N
     manifest = load_manifest(uri, endpoint_url)
     for url, entry in shard_urls(uri, manifest, split, endpoint_url):
         yield from read_shard(url, entry, manifest, endpoint_url, decode_audio=with_audio)
+
+
+def open_dataset(uri: str | os.PathLike, endpoint_url: str | None = None, stream: str = "auto",
+                 memory_budget_mb: float = 4096.0, shuffle_buffer: int = 512) -> Dataset:
+    """The dataset at `uri` for training: every split in memory (load_dataset), or, when
+    `stream` is "on" or "auto" with the train split's float32 features above
+    `memory_budget_mb`, the train split as a tsdsae.data.stream.StreamSplit (each rank reads its
+    share of its shards) and the other splits (validation, test: smaller, and read whole by
+    every epoch's validation and the evaluation) in memory. Raises like load_dataset."""
+    from tsdsae.data.stream import StreamSplit, split_bytes
+
+    uri = dataset_root(uri)
+    manifest = load_manifest(uri, endpoint_url)
+    big = split_bytes(manifest, "train") > memory_budget_mb * 2**20 if "train" in split_names(
+        manifest) else False
+    if stream == "off" or (stream == "auto" and not big):
+        return load_dataset(uri, endpoint_url=endpoint_url)
+    rest = [name for name in split_names(manifest) if name != "train"]
+    data = load_dataset(uri, splits=rest, endpoint_url=endpoint_url)
+    data.splits["train"] = StreamSplit(uri, "train", endpoint_url, shuffle_buffer, manifest)
+    data.meta["streamed"] = ["train"]
+    return data

@@ -1,0 +1,141 @@
+"""A training split streamed from its shards: each data-parallel rank reads its share of the
+split's shards, one shard in memory at a time, shuffles through a buffer and yields its part of
+every global batch. Used when a split is larger than a memory budget (tsdsae.data.open_dataset).
+
+The pipeline is webdataset's (`wds.DataPipeline`: a shard list, a stage that reads one shard,
+`wds.shuffle` with a seed, then batching here), with this project's checked shard reader as the
+reading stage (tsdsae.data.shards.read_shard: tar structure, sanitised member names, regular
+files only, no pickles, sample counts, size and sha256 of every shard, each read whole).
+
+An epoch on rank r of W (a pure function of (seed, epoch, W, r), so a resumed epoch repeats):
+  1. the split's shards in an order drawn from (seed, epoch); rank r takes every W-th from r
+     (all of them, starting at r, when there are fewer shards than ranks);
+  2. its samples through a shuffle buffer seeded from (seed, epoch, r);
+  3. the same number of batches on every rank, whatever the shard sizes: ceil(N / B) global
+     batches of B clips (the last one shorter), each cut into W parts as the in-memory path
+     cuts them (tsdsae.trainer.batch_parts); a rank whose shards run out starts over on them
+     (the next pass with another shuffle seed), a rank with more stops when its parts are full
+     (the rest is read in another epoch, when the shards fall to other ranks). Uneven parts
+     would hang DDP's all-reduce; these cannot.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Iterator
+
+import torch
+
+from tsdsae.data.manifest import dataset_root, load_manifest, shard_urls
+from tsdsae.data.memory import samples_to_split
+from tsdsae.data.shards import read_shard
+
+DEFAULT_BUFFER = 512               # samples in the shuffle buffer
+
+
+def _mix(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (no Python hash randomisation)."""
+    out = 0
+    for p in parts:
+        out = (out * 1_000_003 + int(p) + 7_919) % (2**63 - 1)
+    return out
+
+
+def split_bytes(manifest: dict, split: str) -> int:
+    """The bytes of `split`'s features held as float32 tensors (N x frames x mel bins)."""
+    n = int(manifest["splits"][split]["num_samples"])
+    mels = int(manifest.get("feature_params", {}).get("n_mels", 80))
+    return n * int(manifest.get("num_frames", 0)) * mels * 4
+
+
+class StreamSplit:
+    """One split of the dataset at `uri` (a folder or s3:// prefix), read shard by shard.
+
+    len() is the split's number of clips (from the manifest); `instruments` the manifest's
+    instrument names. Raises like tsdsae.data.load_dataset (StorageError, MissingSplitError)
+    when opened, ShardError naming the shard when a shard is bad.
+    """
+
+    def __init__(self, uri: str | os.PathLike, split: str = "train",
+                 endpoint_url: str | None = None, buffer: int = DEFAULT_BUFFER,
+                 manifest: dict | None = None):
+        self.uri = dataset_root(uri)
+        self.split, self.endpoint_url, self.buffer = split, endpoint_url, max(1, int(buffer))
+        self.manifest = manifest if manifest is not None else load_manifest(self.uri,
+                                                                            endpoint_url)
+        self.shards = shard_urls(self.uri, self.manifest, split, endpoint_url)
+        self.instruments = tuple(self.manifest["instruments"])
+        self.n = int(self.manifest["splits"][split]["num_samples"])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rank_shards(self, seed: int, epoch: int, rank: int, world_size: int
+                    ) -> list[tuple[str, dict]]:
+        """This rank's shards for `epoch`, in reading order."""
+        order = list(self.shards)
+        random.Random(_mix(seed, epoch)).shuffle(order)
+        if len(order) >= world_size:
+            return order[rank::world_size]
+        return order[rank % len(order):] + order[:rank % len(order)]
+
+    def _read(self, source: Iterator[dict]) -> Iterator[dict]:
+        """The pipeline's reading stage: {"url"} items (wds.SimpleShardList) -> the checked,
+        decoded samples of each shard."""
+        entries = dict(self.shards)
+        for item in source:
+            yield from read_shard(item["url"], entries[item["url"]], self.manifest,
+                                  self.endpoint_url)
+
+    def samples(self, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+                ) -> Iterator[dict]:
+        """This rank's decoded samples for `epoch`, shuffled, endlessly (pass after pass over
+        its shards, each pass with its own shuffle seed)."""
+        import webdataset as wds
+
+        urls = [url for url, _ in self.rank_shards(seed, epoch, rank, world_size)]
+        for n_pass in range(2**31):
+            yield from wds.DataPipeline(
+                wds.SimpleShardList(urls), self._read,
+                wds.shuffle(self.buffer, initial=self.buffer,
+                            seed=_mix(seed, epoch, rank, n_pass)))
+
+    in_memory = False
+
+    def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int, None]]:
+        """This rank's part of every global batch of `epoch`: (features (b, T, F), mask (b, T),
+        b, the global batch's size, None: no clip indices), ceil(N / batch_size) of them on every
+        rank (tsdsae.dataset.Split.batches's form). A part may be empty (b = 0, one stand-in
+        clip) when the last global batch is shorter than world_size, as in memory."""
+        stream = self.samples(seed, epoch, rank, world_size)
+        for start in range(0, self.n, batch_size):
+            size = min(batch_size, self.n - start)
+            count = len(torch.arange(size).tensor_split(world_size)[rank])
+            if count == 0:
+                split = samples_to_split([next(stream)], self.instruments)
+                yield split.features, split.mask, 0, size, None
+                continue
+            split = samples_to_split([next(stream) for _ in range(count)], self.instruments)
+            yield split.features, split.mask, count, size, None
+
+    def chunks(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(features, mask, instrument) of every clip in manifest order, `size` at a time, one
+        shard in memory at a time (tsdsae.dataset.Split.chunks's form)."""
+        pending: list[dict] = []
+        for url, entry in self.shards:
+            pending += read_shard(url, entry, self.manifest, self.endpoint_url)
+            while len(pending) >= size:
+                split = samples_to_split(pending[:size], self.instruments)
+                pending = pending[size:]
+                yield split.features, split.mask, split.instrument
+        if pending:
+            split = samples_to_split(pending, self.instruments)
+            yield split.features, split.mask, split.instrument
+
+    def to(self, device) -> "StreamSplit":
+        """The stream itself (its batches are moved to the device by the trainer)."""
+        return self
+
+
+__all__ = ["StreamSplit", "split_bytes", "DEFAULT_BUFFER"]

@@ -4,7 +4,9 @@
     python benchmarks/prep_rate.py --dataset data/dmelodies # reader numbers on a bigger dataset
 
 Lines:
-- prep:    dMelodies clips/s for render (FluidSynth) + features + FLAC + shards, end to end;
+- prep:    dMelodies clips/s for render (FluidSynth) + features + FLAC + shards, end to end,
+           on threads here (executor "threads"), and with --ray-workers N as Ray tasks on a
+           local Ray of N CPUs (executor "ray"; Ray's start-up not counted);
 - memory:  load_dataset samples/s (whole splits into tensors), local and S3;
 S3 is a moto server on 127.0.0.1 (fake credentials), so S3 numbers measure the HTTP path, not
 a real object store.
@@ -45,6 +47,8 @@ def main() -> None:
     p.add_argument("--dataset", default=None,
                    help="read this dataset instead of the freshly prepared one")
     p.add_argument("--no-s3", action="store_true", help="skip the moto S3 measurements")
+    p.add_argument("--ray-workers", type=int, nargs="*", default=[],
+                   help="also prepare on a local Ray of each of these numbers of CPUs")
     args = p.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -54,9 +58,32 @@ def main() -> None:
         prepare_dmelodies(str(out), n_clips=args.clips, samples_per_shard=args.samples_per_shard,
                           progress=False)
         seconds = time.perf_counter() - start
-        emit(bench="prep", dataset="dmelodies", clips=args.clips, seconds=round(seconds, 1),
+        emit(bench="prep", dataset="dmelodies", executor="threads", workers=2,
+             clips=args.clips, seconds=round(seconds, 1),
              clips_per_s=round(args.clips / seconds, 1),
              projected_3000_clips_s=round(3000 * seconds / args.clips))
+        for n in args.ray_workers:
+            import ray
+
+            from data_prep.parallel import Executor
+            from tsdsae.ray_train import runtime_env
+
+            ray.init(num_cpus=n, runtime_env=runtime_env(), log_to_driver=False,
+                     configure_logging=False)
+            try:
+                start = time.perf_counter()
+                with Executor(ray_address="local") as executor:
+                    prepare_dmelodies(str(Path(tmp) / f"ray{n}"), n_clips=args.clips,
+                                      samples_per_shard=args.samples_per_shard, progress=False,
+                                      executor=executor)
+                seconds = time.perf_counter() - start
+            finally:
+                ray.shutdown()
+            same = all((Path(tmp) / f"ray{n}" / name).read_bytes() == (out / name).read_bytes()
+                       for name in os.listdir(out) if name.endswith(".tar"))
+            emit(bench="prep", dataset="dmelodies", executor="ray", workers=n, clips=args.clips,
+                 seconds=round(seconds, 1), clips_per_s=round(args.clips / seconds, 1),
+                 same_shards_as_threads=same)
 
         dataset = args.dataset or str(out)
         memory_rate(dataset, None, "local")

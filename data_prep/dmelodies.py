@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from data_prep import audio as audio_mod
+from data_prep.parallel import add_ray_options, executor_from_args
 from data_prep.shards import (Sample, ShardTask, build_dataset, parse_fractions, sanitize_key,
                               stratified_split)
 from tsdsae import features
@@ -201,7 +202,8 @@ def prepare_dmelodies(output_uri: str, *, n_clips: int = 3600, seed: int = 0,
                       samples_per_shard: int = 256, soundfont: str | None = None,
                       gain: float = 0.5, reverb: bool = False, render_batch: int = 128,
                       workers: int = 2, endpoint_url: str | None = None, overwrite: bool = False,
-                      progress: bool = True) -> str:
+                      progress: bool = True,
+                      executor=None) -> str:
     """Generate, render and shard a dMelodies audio dataset; returns the manifest's location.
 
     Clip i plays melody i (distinct melodies drawn from the filtered space with `seed`) on
@@ -258,7 +260,8 @@ def prepare_dmelodies(output_uri: str, *, n_clips: int = 3600, seed: int = 0,
                          workers=workers, overwrite=overwrite,
                          progress=progress,
                          extra_versions={"fluidsynth": audio_mod.fluidsynth_version(),
-                                         "soundfont": str(font)})
+                                         "soundfont": str(font)},
+                         executor=executor)
 
 
 def _optional(value: str) -> str | None:
@@ -267,7 +270,8 @@ def _optional(value: str) -> str | None:
 
 def add_render_options(p: argparse.ArgumentParser, render_batch: int) -> None:
     """The options every rendering prep shares (data_prep.dmelodies, data_prep.varied): shard
-    size, soundfont, gain, FluidSynth batch, workers, endpoint, overwrite, progress."""
+    size, soundfont, gain, FluidSynth batch, workers, endpoint, overwrite, progress, and where
+    the shards are rendered (--ray / --address: Ray tasks, data_prep.parallel)."""
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.add_argument("--soundfont", default=None,
                    help="soundfont path (default: MuseScore General, found automatically)")
@@ -279,6 +283,7 @@ def add_render_options(p: argparse.ArgumentParser, render_batch: int) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a dataset made with other parameters at the output")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_ray_options(p)
 
 
 @cli_main
@@ -304,17 +309,18 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--reverb", action="store_true", help="render with FluidSynth reverb/chorus")
     add_render_options(p, render_batch=128)
     args = p.parse_args(argv)
-    manifest = prepare_dmelodies(
-        args.output, n_clips=args.n_clips, seed=args.seed,
-        instruments=args.instruments or ("violin", "trumpet"), tonic=args.tonic,
-        octave=None if args.octave is None else int(args.octave), scale=args.scale,
-        rhythm_filter=args.rhythm_filter, qpm=args.qpm,
-        fractions=(DEFAULT_FRACTIONS if args.fractions is None
-                   else [float(f) for f in args.fractions.split(",")]),
-        samples_per_shard=args.samples_per_shard, soundfont=args.soundfont, gain=args.gain,
-        reverb=args.reverb, render_batch=args.render_batch, workers=args.workers,
-        endpoint_url=args.endpoint_url, overwrite=args.overwrite,
-        progress=args.progress)
+    with executor_from_args(args) as executor:
+        manifest = prepare_dmelodies(
+            args.output, n_clips=args.n_clips, seed=args.seed,
+            instruments=args.instruments or ("violin", "trumpet"), tonic=args.tonic,
+            octave=None if args.octave is None else int(args.octave), scale=args.scale,
+            rhythm_filter=args.rhythm_filter, qpm=args.qpm,
+            fractions=(DEFAULT_FRACTIONS if args.fractions is None
+                       else [float(f) for f in args.fractions.split(",")]),
+            samples_per_shard=args.samples_per_shard, soundfont=args.soundfont, gain=args.gain,
+            reverb=args.reverb, render_batch=args.render_batch, workers=args.workers,
+            endpoint_url=args.endpoint_url, overwrite=args.overwrite,
+            progress=args.progress, executor=executor)
     print(manifest)
     return manifest
 

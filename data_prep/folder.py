@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from data_prep import audio as audio_mod
+from data_prep.parallel import Executor, add_ray_options, executor_from_args
 from data_prep.shards import (SPLITS, Sample, ShardTask, build_dataset, grouped_split,
                               parse_fractions, sanitize_key, stratified_split)
 from tsdsae import features
@@ -259,18 +261,35 @@ def read_one(root: Path, rel: str, opts: Options, cache: Path,
                    "segments": len(items), "source_rate": loaded.source_rate}
 
 
+def _read_counted(root: Path, opts: Options, cache: Path, rel: str
+                  ) -> tuple[list[dict], dict, Counter]:
+    """read_one with its own reason counts (a task of data_prep.parallel.Executor)."""
+    reasons: Counter = Counter()
+    items, entry = read_one(root, rel, opts, cache, reasons)
+    return items, entry, reasons
+
+
 def read_files(root: Path, rels: Sequence[str], opts: Options, cache: Path,
-               progress: bool) -> tuple[list[dict], list[dict], Counter]:
-    """Label, read and segment every file -> (segment items, per-file report, reasons)."""
-    items, files_report, reasons = [], [], Counter()
-    it = rels
+               progress: bool, executor: Executor | None = None
+               ) -> tuple[list[dict], list[dict], Counter]:
+    """Label, read and segment every file -> (segment items, per-file report, reasons); the
+    files are read on `executor` (threads here, or Ray tasks), the results kept in file order."""
+    bar = None
     if progress:
         from tqdm import tqdm
-        it = tqdm(rels, desc="reading audio", unit="file")
-    for rel in it:
-        found, entry = read_one(root, rel, opts, cache, reasons)
+        bar = tqdm(total=len(rels), desc="reading audio", unit="file")
+    executor = executor or Executor(1)
+    try:
+        results = executor.map(functools.partial(_read_counted, root, opts, cache), rels,
+                               done=(lambda rel: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    items, files_report, reasons = [], [], Counter()
+    for found, entry, counted in results:
         items += found
         files_report.append(entry)
+        reasons.update(counted)
     reasons.update(f"skipped:{f['reason']}" for f in files_report if f["status"] == "skipped")
     return items, files_report, reasons
 
@@ -278,45 +297,64 @@ def read_files(root: Path, rels: Sequence[str], opts: Options, cache: Path,
 # --- CREPE ----------------------------------------------------------------------------------------
 
 
+def _chunk_confidences(cache: Path, model: str, chunk: Sequence[str]) -> list[np.ndarray]:
+    """CREPE's per-frame confidences of each cached file of `chunk` (one network batch run)."""
+    clips = [np.load(cache / _cache_name(rel), allow_pickle=False) for rel in chunk]
+    return audio_mod.crepe_confidences(clips, model)
+
+
+def _audio_seconds(cache: Path, chunk: Sequence[str]) -> float:
+    """The seconds of audio CREPE's frames cover in `chunk` (1 + S // hop frames a file)."""
+    return sum(1 + np.load(cache / _cache_name(rel), mmap_mode="r").shape[0]
+               // audio_mod.CREPE_HOP for rel in chunk) * audio_mod.CREPE_HOP \
+        / features.SAMPLE_RATE
+
+
 def crepe_filter(items: list[dict], cache: Path, model: str, threshold: float,
-                 reasons: Counter, progress: bool) -> tuple[list[dict], dict]:
+                 reasons: Counter, progress: bool, executor: Executor | None = None
+                 ) -> tuple[list[dict], dict]:
     """Keep segments whose mean CREPE confidence exceeds `threshold` -> (kept, per-label stats).
 
-    CREPE runs once per file (segments overlap), batched across CREPE_FILES_PER_BATCH files.
+    CREPE runs once per file (segments overlap), batched across CREPE_FILES_PER_BATCH files;
+    the batches run on `executor` (threads here, or Ray tasks with a GPU share where the
+    cluster has GPUs). Each batch's result does not depend on where it ran.
     """
     by_file: dict[str, list[dict]] = defaultdict(list)
     for item in items:
         by_file[item["file"]].append(item)
     names = sorted(by_file)
-    chunks = [names[i:i + CREPE_FILES_PER_BATCH]
+    chunks = [tuple(names[i:i + CREPE_FILES_PER_BATCH])
               for i in range(0, len(names), CREPE_FILES_PER_BATCH)]
+    executor = executor or Executor(1)
     bar = None
     if progress:
         import torch
         from tqdm import tqdm
 
-        # CREPE's frames (1 + S // hop a file, 10 ms each): what its progress counts
-        seconds = sum(1 + np.load(cache / _cache_name(rel), mmap_mode="r").shape[0]
-                      // audio_mod.CREPE_HOP for rel in names) * audio_mod.CREPE_HOP \
-            / features.SAMPLE_RATE
-        device = "the GPU" if torch.cuda.is_available() else "this CPU"
+        seconds = _audio_seconds(cache, names)
+        device = ("the Ray cluster" if executor.on_ray else
+                  "the GPU" if torch.cuda.is_available() else "this CPU")
         print(f"CREPE {model} confidence filter over {seconds:.0f} s of audio in {len(names)} "
-              f"files on {device}; the time left shows after its first seconds. Faster: "
+              f"files on {device}; the time left shows after its first batch. Faster: "
               + ("--crepe-model tiny (about 10x), " if model == "full" else "")
-              + "a GPU, or --no-crepe (keeps every segment)", file=sys.stderr, flush=True)
+              + "a GPU, --ray / --address (a cluster), or --no-crepe (keeps every segment)",
+              file=sys.stderr, flush=True)
         bar = tqdm(total=seconds, desc=f"CREPE {model}", unit="s audio",
                    dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| "
                    "{n:.0f}/{total:.0f} s of audio [{elapsed}<{remaining}]")
-    for chunk in chunks:
-        clips = [np.load(cache / _cache_name(rel), allow_pickle=False) for rel in chunk]
-        confs = audio_mod.crepe_confidences(clips, model, done=bar.update if bar else None)
+    try:
+        confidences = executor.map(
+            functools.partial(_chunk_confidences, cache, model), chunks, gpu=True,
+            done=(lambda chunk: bar.update(_audio_seconds(cache, chunk))) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    for chunk, confs in zip(chunks, confidences):
         for rel, conf in zip(chunk, confs):
             for item in by_file[rel]:
                 lo = item["start"] // audio_mod.CREPE_HOP
                 hi = max(lo + 1, (item["start"] + item["valid_samples"]) // audio_mod.CREPE_HOP)
                 item["crepe_confidence"] = round(float(conf[lo:hi].mean()), 4)
-    if bar is not None:
-        bar.close()
     kept = [it for it in items if it["crepe_confidence"] > threshold]
     reasons["segments_skipped:low_crepe_confidence"] += len(items) - len(kept)
     stats = {}
@@ -410,16 +448,17 @@ def _report(files: list[dict], reasons: Counter, opts: Options, crepe: dict | No
 
 
 def plan_folder(root: Path, rels: Sequence[str], unused: list[dict], opts: Options, cache: Path,
-                progress: bool) -> dict:
-    """Read, segment, filter and split -> the plan build_dataset stores and shards."""
+                progress: bool, executor: Executor | None = None) -> dict:
+    """Read, segment, filter and split -> the plan build_dataset stores and shards (reading and
+    CREPE on `executor`)."""
     check_label_collisions({raw: rel for rel in reversed(rels)
                             if (raw := _raw_label(rel, opts.pattern)) is not None})
-    items, files_report, reasons = read_files(root, rels, opts, cache, progress)
+    items, files_report, reasons = read_files(root, rels, opts, cache, progress, executor)
     reasons.update(f"skipped:{f['reason']}" for f in unused)
     warnings, crepe = [], None
     if opts.crepe_model and items:
         items, stats = crepe_filter(items, cache, opts.crepe_model, opts.crepe_threshold,
-                                    reasons, progress)
+                                    reasons, progress, executor)
         crepe = {"model": opts.crepe_model, "threshold": opts.crepe_threshold, "labels": stats}
         warnings += crepe_warnings(stats, opts.crepe_model, opts.crepe_threshold)
     reasons["segments_kept"] = len(items)
@@ -494,13 +533,17 @@ def prepare_folder(input_dir: str, output_uri: str, *, label_pattern: str | None
                    crepe_model: str | None = "full", crepe_threshold: float = CREPE_THRESHOLD,
                    split_by: str = "recording", samples_per_shard: int = 256, workers: int = 2,
                    work_dir: str | None = None, endpoint_url: str | None = None,
-                   overwrite: bool = False, progress: bool = True) -> str:
+                   overwrite: bool = False, progress: bool = True,
+                   executor: Executor | None = None) -> str:
     """Segment, filter, featurise and shard a folder of labelled audio; returns the manifest URI.
 
     instruments: keep only these labels (default: every label found), in this order.
     short: "pad" (zero-pad files shorter than 4 s; the padding is masked) or "drop".
     crepe_model: "full" (the recipe's), "tiny" (faster) or None (no confidence filter).
     split_by: "recording" (no audio shared between splits) or "segment" (the paper's recipe).
+    executor: where reading, CREPE and shards run (data_prep.parallel; default `workers` threads
+    for the shards). On a Ray cluster of several nodes, `input_dir` and `work_dir` (the cache of
+    cleaned audio) must be folders every node sees.
     Raises FileNotFoundError (no such folder) and FolderError (input that cannot make a dataset).
     """
     root = Path(input_dir).expanduser().resolve()
@@ -522,10 +565,10 @@ def prepare_folder(input_dir: str, output_uri: str, *, label_pattern: str | None
         return build_dataset(
             store, name=sanitize_key(root.name) or "folder", tool="data_prep.folder",
             params=_params(root, rels, opts),
-            make_plan=lambda: plan_folder(root, rels, unused, opts, cache, progress),
-            render=lambda task: render_task(task, cache), samples_per_shard=samples_per_shard,
-            workers=workers, overwrite=overwrite, progress=progress,
-            prepare_resume=prepare_resume)
+            make_plan=lambda: plan_folder(root, rels, unused, opts, cache, progress, executor),
+            render=functools.partial(render_task, cache=cache),
+            samples_per_shard=samples_per_shard, workers=workers, overwrite=overwrite,
+            progress=progress, prepare_resume=prepare_resume, executor=executor)
 
 
 # --- the command line -----------------------------------------------------------------------------
@@ -566,8 +609,6 @@ def format_report(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-import sys  # noqa: E402  (the command line tool below)
-
 from tsdsae.cli import cli_main, exit_status  # noqa: E402
 
 
@@ -601,17 +642,19 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_ray_options(p)
     args = p.parse_args(argv)
     try:
         fractions = [float(f) for f in args.fractions.split(",")]
-        manifest = prepare_folder(
-            args.input_dir, args.output, label_pattern=args.label_pattern,
-            instruments=args.instruments, seed=args.seed, fractions=fractions,
-            short=args.short, crepe_model=None if args.no_crepe else args.crepe_model,
-            crepe_threshold=args.crepe_threshold, split_by=args.split_by,
-            samples_per_shard=args.samples_per_shard, workers=args.workers,
-            work_dir=args.work_dir, endpoint_url=args.endpoint_url, overwrite=args.overwrite,
-            progress=args.progress)
+        with executor_from_args(args) as executor:
+            manifest = prepare_folder(
+                args.input_dir, args.output, label_pattern=args.label_pattern,
+                instruments=args.instruments, seed=args.seed, fractions=fractions,
+                short=args.short, crepe_model=None if args.no_crepe else args.crepe_model,
+                crepe_threshold=args.crepe_threshold, split_by=args.split_by,
+                samples_per_shard=args.samples_per_shard, workers=args.workers,
+                work_dir=args.work_dir, endpoint_url=args.endpoint_url,
+                overwrite=args.overwrite, progress=args.progress, executor=executor)
         stored = json.loads(open_store(args.output, args.endpoint_url).read_bytes("dataset.json"))
     except (FileNotFoundError, ValueError, StorageError) as exc:
         print(f"error: {redact_text(str(exc))}", file=sys.stderr)

@@ -12,7 +12,6 @@ A preparation is a *plan* (JSON: which clips go to which split, with their label
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import io
@@ -20,7 +19,6 @@ import json
 import platform
 import re
 import tarfile
-import threading
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -28,6 +26,7 @@ import numpy as np
 from tsdsae import features
 from tsdsae.data import (AUDIO_EXT, FEATURE_EXT, KEY_RE, LABEL_EXT, MANIFEST_NAME, SCHEMA_VERSION,
                          ShardError, check_sample, iter_shard_samples)
+from data_prep.parallel import Executor
 from tsdsae.storage import ObjectNotFound, Store
 
 STATE_NAME = "_prep_state.json"
@@ -273,19 +272,44 @@ def _short(value, width: int = 40) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+class ShardWriter:
+    """Renders and writes one shard (a picklable callable, so it can run as a Ray task):
+    keeps an intact existing shard, else render(task) -> tar bytes -> store. Returns the
+    shard's manifest entry (name, num_samples, sha256, size)."""
+
+    def __init__(self, store: Store, core: dict, render: Callable[[ShardTask], list[Sample]]):
+        self.store, self.core, self.render = store, core, render
+
+    def __call__(self, task: ShardTask) -> dict:
+        stats = _existing_shard(self.store, task, self.core)
+        if stats is not None:
+            return stats
+        samples = self.render(task)
+        if [s.key for s in samples] != [item["key"] for item in task.items]:
+            raise RuntimeError(f"render returned other keys than planned for {task.name}")
+        data = shard_bytes(samples)
+        self.store.write_bytes(task.name, data)
+        return {"name": task.name, "num_samples": len(samples),
+                "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
 def build_dataset(store: Store, *, name: str, tool: str, params: dict,
                   make_plan: Callable[[], dict], render: Callable[[ShardTask], list[Sample]],
                   samples_per_shard: int = 256, workers: int = 2, overwrite: bool = False,
                   progress: bool = True,
                   extra_versions: dict | None = None,
-                  prepare_resume: Callable[[dict], None] | None = None) -> str:
+                  prepare_resume: Callable[[dict], None] | None = None,
+                  executor: Executor | None = None) -> str:
     """Write shards and the manifest for `plan` into `store`; returns the manifest's location.
 
     make_plan() -> {"instruments": [...], "splits": {split: [item, ...]}, "report": {...}};
     render(task) -> the task's samples in item order. `params` identify the dataset: a manifest
     or state with other params is an error unless `overwrite`. `prepare_resume(plan)` runs when
     a stored plan is reused (e.g. to re-read source files). A killed run resumes from its
-    stored plan: intact shards are kept, missing or damaged ones are written again.
+    stored plan: intact shards are kept, missing or damaged ones are written again. Shards are
+    rendered and written on `executor` (data_prep.parallel: threads here, default `workers` of
+    them, or Ray tasks over a cluster, each writing its shard straight to `store`); a shard's
+    bytes do not depend on where it was made.
     """
     store.check(create=True)
     params = json.loads(json.dumps(params))           # normalise tuples etc. for comparison
@@ -319,44 +343,18 @@ def build_dataset(store: Store, *, name: str, tool: str, params: dict,
 
     core = manifest_core(plan["instruments"])
     tasks = plan_tasks(plan, samples_per_shard)
-    results: dict[str, dict] = {}
-    stop = threading.Event()          # set when a shard fails: queued shards return at once
-
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=sum(len(t.items) for t in tasks), desc=f"{name}: shards", unit="clip")
-
-    def run(task: ShardTask) -> dict | None:
-        if stop.is_set():
-            return None
-        stats = _existing_shard(store, task, core)
-        if stats is None:
-            samples = render(task)
-            if [s.key for s in samples] != [item["key"] for item in task.items]:
-                raise RuntimeError(f"render returned other keys than planned for {task.name}")
-            data = shard_bytes(samples)
-            store.write_bytes(task.name, data)
-            stats = {"name": task.name, "num_samples": len(samples),
-                     "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-        if bar is not None:
-            bar.update(len(task.items))
-        return stats
-
+    executor = executor or Executor(workers)
     try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = {pool.submit(run, task): task for task in tasks}
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    stats = future.result()
-                    if stats is not None:
-                        results[futures[future].name] = stats
-            except BaseException:
-                stop.set()            # queued shards return at once; the error propagates
-                raise
+        stats = executor.map(ShardWriter(store, core, render), tasks,
+                             done=(lambda task: bar.update(len(task.items))) if bar else None)
     finally:
         if bar is not None:
             bar.close()
+    results = {s["name"]: s for s in stats}
 
     splits = {}
     for split in SPLITS:

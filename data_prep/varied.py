@@ -29,6 +29,7 @@ import numpy as np
 
 from data_prep import audio as audio_mod
 from data_prep.dmelodies import DEFAULT_FRACTIONS, add_render_options, parse_instruments
+from data_prep.parallel import executor_from_args
 from data_prep.shards import Sample, ShardTask, build_dataset, parse_fractions, stratified_split
 from tsdsae import features
 from tsdsae.cli import cli_main, exit_status
@@ -95,7 +96,8 @@ def prepare_varied(output_uri: str, *, n_clips: int = 1200, seed: int = 0,
                    fractions: Sequence[float] = DEFAULT_FRACTIONS, samples_per_shard: int = 256,
                    soundfont: str | None = None, gain: float = 0.5, render_batch: int = 64,
                    workers: int = 2, endpoint_url: str | None = None, overwrite: bool = False,
-                   progress: bool = True) -> str:
+                   progress: bool = True,
+                   executor=None) -> str:
     """Generate, render and shard a varied dataset (module docstring); returns the manifest's
     location. Clip i plays melody i (seeded by `seed`) on instrument i mod len(instruments).
     Raises ValueError for fewer than two instruments or bad fractions, RenderError when
@@ -150,7 +152,8 @@ def prepare_varied(output_uri: str, *, n_clips: int = 1200, seed: int = 0,
                          make_plan=make_plan, render=render, samples_per_shard=samples_per_shard,
                          workers=workers, overwrite=overwrite, progress=progress,
                          extra_versions={"fluidsynth": audio_mod.fluidsynth_version(),
-                                         "soundfont": str(font)})
+                                         "soundfont": str(font)},
+                         executor=executor)
 
 
 @cli_main
@@ -168,14 +171,16 @@ def main(argv: Sequence[str] | None = None) -> str:
                    help="train,val,test fractions (default: 4/6, 1/6, 1/6)")
     add_render_options(p, render_batch=64)
     args = p.parse_args(argv)
-    manifest = prepare_varied(
-        args.output, n_clips=args.n_clips, seed=args.seed,
-        instruments=args.instruments or DEFAULT_INSTRUMENTS,
-        fractions=(DEFAULT_FRACTIONS if args.fractions is None
-                   else [float(f) for f in args.fractions.split(",")]),
-        samples_per_shard=args.samples_per_shard, soundfont=args.soundfont, gain=args.gain,
-        render_batch=args.render_batch, workers=args.workers, endpoint_url=args.endpoint_url,
-        overwrite=args.overwrite, progress=args.progress)
+    with executor_from_args(args) as executor:
+        manifest = prepare_varied(
+            args.output, n_clips=args.n_clips, seed=args.seed,
+            instruments=args.instruments or DEFAULT_INSTRUMENTS,
+            fractions=(DEFAULT_FRACTIONS if args.fractions is None
+                       else [float(f) for f in args.fractions.split(",")]),
+            samples_per_shard=args.samples_per_shard, soundfont=args.soundfont, gain=args.gain,
+            render_batch=args.render_batch, workers=args.workers,
+            endpoint_url=args.endpoint_url, overwrite=args.overwrite, progress=args.progress,
+            executor=executor)
     print(manifest)
     return manifest
 

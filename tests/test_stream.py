@@ -109,3 +109,26 @@ def test_a_streamed_run_trains_resumes_bitwise_and_is_evaluated(streamed_runs):
     streamed = evaluate(a.best_model(), through.data, "test")
     in_memory = evaluate(a.best_model(), load_dataset(through.data.meta["uri"]), "test")
     assert streamed == in_memory
+
+
+def test_a_split_larger_than_the_memory_left_streams_and_is_refused_in_memory(
+        small_dmelodies, monkeypatch, capsys):
+    """The budget follows the memory this process may use: with 1.5 MB left (as under prlimit
+    or a cgroup), the 1.3 MB train split streams under data.stream=auto, and data.stream=off is
+    refused before any shard is read, in one line naming the split, what it needs and the fix."""
+    import resource
+
+    from tsdsae.data import memory
+
+    held = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    monkeypatch.setattr(memory, "memory_limit_bytes", lambda: held + int(1.5 * 2**20))
+    assert not open_dataset(small_dmelodies)["train"].in_memory
+    with pytest.raises(memory.DatasetTooLarge, match=r"needs 1 MB in memory .*data.stream=auto"):
+        open_dataset(small_dmelodies, stream="off")
+    from tsdsae import train
+
+    assert train.main(["--preset", "debug", "--data", str(small_dmelodies), "--quiet",
+                       "--no-eval", "--model", "dsae", "data.stream=off", "schedule.max_epochs=1",
+                       f"checkpoint.root={small_dmelodies.parent / 'never'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the train split of ")

@@ -104,20 +104,72 @@ def iter_split_samples(uri: str | os.PathLike, split: str, endpoint_url: str | N
         yield from read_shard(url, entry, manifest, endpoint_url, decode_audio=with_audio)
 
 
+def memory_limit_bytes() -> int | None:
+    """The memory this process may use, as far as the OS says: the smallest of its address-space
+    and data-segment limits (ulimit -v / -d, prlimit), its cgroup's memory.max and the memory
+    available now (/proc/meminfo). None when none is known."""
+    import resource
+
+    limits = []
+    for which in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+        soft, _ = resource.getrlimit(which)
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    for path, scale in (("/sys/fs/cgroup/memory.max", 1), ("/proc/meminfo", 1024)):
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        if path.endswith("memory.max"):
+            if text.strip().isdigit():
+                limits.append(int(text))
+        else:
+            for line in text.splitlines():
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * scale)
+    return min(limits) if limits else None
+
+
+def _free_bytes() -> int | None:
+    """memory_limit_bytes() less what this process already holds (its peak resident size)."""
+    import resource
+
+    limit = memory_limit_bytes()
+    if limit is None:
+        return None
+    return max(0, limit - resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+class DatasetTooLarge(MemoryError, ValueError):
+    """A split held in memory would not fit in the memory this process may use."""
+
+
 def open_dataset(uri: str | os.PathLike, endpoint_url: str | None = None, stream: str = "auto",
                  memory_budget_mb: float = 4096.0, shuffle_buffer: int = 512) -> Dataset:
     """The dataset at `uri` for training: every split in memory (load_dataset), or, when
-    `stream` is "on" or "auto" with the train split's float32 features above
-    `memory_budget_mb`, the train split as a tsdsae.data.stream.StreamSplit (each rank reads its
-    share of its shards) and the other splits (validation, test: smaller, and read whole by
-    every epoch's validation and the evaluation) in memory. Raises like load_dataset."""
+    `stream` is "on" or "auto" with the train split's float32 features above the budget, the
+    train split as a tsdsae.data.stream.StreamSplit (each rank reads its share of its shards)
+    and the other splits (validation and test: smaller, read whole by every epoch's validation
+    and by the evaluation) in memory. The budget is `memory_budget_mb`, or half the memory this
+    process has left (memory_limit_bytes less its peak resident size) when that is less: reading
+    a split whole holds it twice for a moment. Raises DatasetTooLarge, before reading any shard,
+    when `stream` is "off" and the train split would not fit that way; else like
+    load_dataset."""
     from tsdsae.data.stream import StreamSplit, split_bytes
 
     uri = dataset_root(uri)
     manifest = load_manifest(uri, endpoint_url)
-    big = split_bytes(manifest, "train") > memory_budget_mb * 2**20 if "train" in split_names(
-        manifest) else False
-    if stream == "off" or (stream == "auto" and not big):
+    need = split_bytes(manifest, "train") if "train" in split_names(manifest) else 0
+    free = _free_bytes()
+    budget = memory_budget_mb * 2**20
+    if free is not None:
+        budget = min(budget, free / 2)
+    if stream == "off" and free is not None and 2 * need > free:
+        raise DatasetTooLarge(
+            f"the train split of {uri} needs {need / 2**20:.0f} MB in memory (twice that while "
+            f"it is read), more than the {free / 2**20:.0f} MB this process has left; stream it "
+            "(data.stream=auto or on)")
+    if stream == "off" or (stream == "auto" and need <= budget):
         return load_dataset(uri, endpoint_url=endpoint_url)
     rest = [name for name in split_names(manifest) if name != "train"]
     data = load_dataset(uri, splits=rest, endpoint_url=endpoint_url)

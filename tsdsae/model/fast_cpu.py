@@ -105,7 +105,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 # -- 2. tanh in sigmoid form ----------------------------------------------------------------------
 
-def on_half(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def on_sig(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', b') with W' s + b' = W (2s - 1) + b: a linear map of a tanh output y = 2s - 1,
     rewritten to act on its sigmoid form s. weight (O, I), bias (O,)."""
     shift = -weight.sum(dim=-1)
@@ -121,36 +121,36 @@ def _is_tanh_mlp(mlp: MLP) -> bool:
     return kinds == [nn.Linear, nn.Tanh] * (len(kinds) // 2) and len(kinds) >= 2
 
 
-def mlp_half_from_first(mlp: MLP, pre2: torch.Tensor) -> torch.Tensor:
+def mlp_sig_from_first(mlp: MLP, pre2: torch.Tensor) -> torch.Tensor:
     """Sigmoid form s of `mlp`'s output (tanh output 2s - 1), given 2a, twice its first
     Linear's output (callers fold the 2 into the weights)."""
     s = torch.sigmoid(pre2)
     for layer in _linears(mlp)[1:]:
-        w, b = on_half(layer.weight, layer.bias)
+        w, b = on_sig(layer.weight, layer.bias)
         s = torch.sigmoid(linear(s, 2.0 * w, 2.0 * b))
     return s
 
 
-def mlp_half(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+def mlp_sig(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
     """Sigmoid form s of mlp(x): mlp(x) = 2s - 1. x (..., D) -> (..., H). An MLP that is not
     Linear -> Tanh runs as its plain module (the fallback block)."""
     if not _is_tanh_mlp(mlp):
         return (mlp(x) + 1.0) * 0.5
     first = _linears(mlp)[0]
-    return mlp_half_from_first(mlp, linear(x, 2.0 * first.weight, 2.0 * first.bias))
+    return mlp_sig_from_first(mlp, linear(x, 2.0 * first.weight, 2.0 * first.bias))
 
 
-def head_mean_logvar(head: GaussianHead, h: torch.Tensor, half: bool = False
+def head_mean_logvar(head: GaussianHead, h: torch.Tensor, sig: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`head(h)`'s mean and log-variance, or head(2h - 1)'s when `half`, in one GEMM."""
+    """`head(h)`'s mean and log-variance, or head(2h - 1)'s when `sig` (h in sigmoid form), in one GEMM."""
     w = torch.cat([head.mean.weight, head.logvar.weight])
     b = torch.cat([head.mean.bias, head.logvar.bias])
-    if half:
-        w, b = on_half(w, b)
+    if sig:
+        w, b = on_sig(w, b)
     return linear(h, w, b).chunk(2, dim=-1)
 
 
-def masked_mean_half(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean_sig(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """masked_mean(2s - 1, mask) for a sigmoid form s (B, T, H): the affine map is applied to
     the pooled (B, H) sums, and the sums are one batched matmul (no (B, T, H) temporary)."""
     m = mask.to(s.dtype)
@@ -230,7 +230,7 @@ class FastDSAE(nn.Module):
     def v_posterior(self, x: torch.Tensor, mask: torch.Tensor) -> DiagNormal:
         vp = self.model.v_posterior
         if vp.encoder.kind == "^":
-            pooled = masked_mean_half(mlp_half(vp.encoder.mlp, x), mask)
+            pooled = masked_mean_sig(mlp_sig(vp.encoder.mlp, x), mask)
         else:
             pooled = masked_mean(vp.encoder(x, mask), mask)
         return normal(*head_mean_logvar(vp.head, pooled))
@@ -239,17 +239,17 @@ class FastDSAE(nn.Module):
                     sample: bool) -> tuple[DiagNormal, torch.Tensor]:
         features = self.model.z_posterior.features
         if features.kind == "^":
-            return self._z_from_features(mlp_half(features.mlp, x), v, sample, half=True)
-        return self._z_from_features(features(x, mask), v, sample, half=False)
+            return self._z_from_features(mlp_sig(features.mlp, x), v, sample, sig=True)
+        return self._z_from_features(features(x, mask), v, sample, sig=False)
 
     def _z_from_features(self, feat: torch.Tensor, v: torch.Tensor | None, sample: bool,
-                         half: bool) -> tuple[DiagNormal, torch.Tensor]:
-        """feat: the features, or their sigmoid form s (features 2s - 1) when `half`."""
+                         sig: bool) -> tuple[DiagNormal, torch.Tensor]:
+        """feat: the features, or their sigmoid form s (features 2s - 1) when `sig`."""
         zp = self.model.z_posterior
         if zp.kind == "x" and not zp.v_condition:
-            q = normal(*head_mean_logvar(zp.head, feat, half))
+            q = normal(*head_mean_logvar(zp.head, feat, sig))
             return q, (q.rsample() if sample else q.mean)
-        return zp.from_features(2.0 * feat - 1.0 if half else feat, v, sample)
+        return zp.from_features(2.0 * feat - 1.0 if sig else feat, v, sample)
 
     def z_prior(self, z: torch.Tensor) -> DiagNormal:
         zp = self.model.z_prior
@@ -257,7 +257,7 @@ class FastDSAE(nn.Module):
             zeros = torch.zeros_like(z)
             return normal(zeros, zeros)
         if zp.kind == ">":
-            mean, logvar = head_mean_logvar(zp.head, mlp_half(zp.transition, z[:, :-1]), half=True)
+            mean, logvar = head_mean_logvar(zp.head, mlp_sig(zp.transition, z[:, :-1]), sig=True)
         else:
             mean, logvar = head_mean_logvar(zp.head, zp.transition(z[:, :-1])[0])
         first = z.new_zeros(z.shape[0], 1, z.shape[2])
@@ -272,13 +272,13 @@ class FastDSAE(nn.Module):
         w = 2.0 * first.weight                                               # sigmoid form: 2a
         hz = linear(z, w[:, :z_dim])                                         # (B, T, H)
         hv = F.linear(vs, w[:, z_dim:], 2.0 * first.bias)                    # (K, B, H)
-        return mlp_half_from_first(mlp, hz.unsqueeze(0) + hv.unsqueeze(2))
+        return mlp_sig_from_first(mlp, hz.unsqueeze(0) + hv.unsqueeze(2))
 
     def decode_many(self, z: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Means of p(x | z, v) for K pairings: z (B, T, Z), vs (K, B, V) -> (K, B, T, F)."""
         lik = self.model.likelihood
         if lik.net.kind == "^" and _is_tanh_mlp(lik.net.mlp):
-            return linear(self.decoder_hidden(z, vs), *on_half(lik.out.weight, lik.out.bias))
+            return linear(self.decoder_hidden(z, vs), *on_sig(lik.out.weight, lik.out.bias))
         k, b, _ = vs.shape
         t = z.shape[1]
         zv = torch.cat([z.unsqueeze(0).expand(k, -1, -1, -1),
@@ -306,11 +306,11 @@ class FastDSAE(nn.Module):
         hidden = []
         for mlp in mlps:
             first = _linears(mlp)[0]
-            w, b = on_half(first.weight @ out.weight, first.weight @ out.bias + first.bias)
-            hidden.append(mlp_half_from_first(mlp, linear(s, 2.0 * w, 2.0 * b)))
-        qv = normal(*head_mean_logvar(m.v_posterior.head, masked_mean_half(hidden[0], mask)))
+            w, b = on_sig(first.weight @ out.weight, first.weight @ out.bias + first.bias)
+            hidden.append(mlp_sig_from_first(mlp, linear(s, 2.0 * w, 2.0 * b)))
+        qv = normal(*head_mean_logvar(m.v_posterior.head, masked_mean_sig(hidden[0], mask)))
         v = qv.rsample() if v_sample else None
-        qz, _ = self._z_from_features(hidden[1], v, z_sample, half=True)
+        qz, _ = self._z_from_features(hidden[1], v, z_sample, sig=True)
         return qv, qz
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor,
@@ -333,7 +333,7 @@ class FastDSAE(nn.Module):
             hidden = self.decoder_hidden(z, vs)                              # (3, B, T, H)
             # split (not indexing): its backward concatenates instead of zero-filling
             h_main, h_swap = hidden.split([1, 2])
-            x_mean = linear(h_main.squeeze(0), *on_half(lik.out.weight, lik.out.bias))
+            x_mean = linear(h_main.squeeze(0), *on_sig(lik.out.weight, lik.out.bias))
             qv_swap, qz_swap = self._reencode_folded(
                 h_swap.reshape(2 * b, *h_swap.shape[2:]), mask2, cfg.v_condition, z_sample)
             return Outputs(qv, v, qz, z, pz, x_mean, qv_swap, qz_swap)

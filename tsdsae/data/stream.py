@@ -103,20 +103,61 @@ class StreamSplit:
     in_memory = False
 
     def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int, None]]:
+                world_size: int = 1, prefetch: int = 2
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int, None]]:
         """This rank's part of every global batch of `epoch`: (features (b, T, F), mask (b, T),
         b, the global batch's size, None: no clip indices), ceil(N / batch_size) of them on every
         rank (tsdsae.dataset.Split.batches's form). A part may be empty (b = 0, one stand-in
-        clip) when the last global batch is shorter than world_size, as in memory."""
+        clip) when the last global batch is shorter than world_size, as in memory. A background
+        thread reads and decodes up to `prefetch` batches ahead while the caller trains (the
+        same batches in the same order; its errors are raised here)."""
+        if prefetch < 1:
+            yield from self._batches(batch_size, seed, epoch, rank, world_size)
+            return
+        import queue
+        import threading
+
+        ready: queue.Queue = queue.Queue(maxsize=prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for batch in self._batches(batch_size, seed, epoch, rank, world_size):
+                    while not stop.is_set():
+                        try:
+                            ready.put(batch, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                ready.put(done)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                ready.put(exc)
+
+        thread = threading.Thread(target=produce, daemon=True, name="tsdsae-stream")
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def _batches(self, batch_size: int, seed: int, epoch: int, rank: int, world_size: int
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int, None]]:
         stream = self.samples(seed, epoch, rank, world_size)
         for start in range(0, self.n, batch_size):
             size = min(batch_size, self.n - start)
             count = len(torch.arange(size).tensor_split(world_size)[rank])
-            if count == 0:
-                split = samples_to_split([next(stream)], self.instruments)
-                yield split.features, split.mask, 0, size, None
-                continue
-            split = samples_to_split([next(stream) for _ in range(count)], self.instruments)
+            split = samples_to_split([next(stream) for _ in range(max(count, 1))],
+                                     self.instruments)
             yield split.features, split.mask, count, size, None
 
     def chunks(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -72,7 +72,8 @@ def train_one_epoch(uri: str, mode: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     stream = {"stream": "on", "memory": "off", "auto": "auto"}[mode]
     cfg = apply_overrides(debug(), [f"data.uri={uri}", f"data.stream={stream}",
-                                    "schedule.max_epochs=1", "checkpoint.root=/tmp/stream-bench-runs",
+                                    "schedule.variant=dsae", "schedule.max_epochs=1",
+                                    "checkpoint.root=/tmp/stream-bench-runs",
                                     f"name=bench-{mode}", "checkpoint.every=1000"])
     t0 = time.perf_counter()
     trainer = Trainer(cfg, progress=False, save=False)
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--base", type=int, default=256)
     p.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--modes", nargs="+", default=["stream", "memory"])
+    p.add_argument("--modes", nargs="*", default=["stream", "memory"],
+                   help="the memory rows to measure (none: only the reader and the step)")
     p.add_argument("--s3", action="store_true", help="also time the reader over moto's S3")
     p.add_argument("--prlimit-mb", type=float, default=0,
                    help="also train on the largest dataset under prlimit --data of this many MB, "
@@ -156,9 +158,14 @@ def main(argv=None) -> int:
     print(json.dumps({"kind": "reader", "where": "folder",
                       "samples_per_s": round(reader_rate(biggest, None), 1)}), flush=True)
     if args.s3:
+        import os
+
         from moto.server import ThreadedMotoServer
 
         from tsdsae.storage import open_store
+
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            os.environ[name] = "testing"              # moto's fake credentials
 
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=5391, verbose=False)
         server.start()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -158,31 +159,35 @@ def main(argv=None) -> int:
     print(json.dumps({"kind": "reader", "where": "folder",
                       "samples_per_s": round(reader_rate(biggest, None), 1)}), flush=True)
     if args.s3:
-        import os
-
-        from moto.server import ThreadedMotoServer
-
         from tsdsae.storage import open_store
 
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             os.environ[name] = "testing"              # moto's fake credentials
-
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=5391, verbose=False)
-        server.start()
+        # moto in its own process, as a real object store would be: in this process its
+        # request handling would share the reader's interpreter lock.
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                   "-p", "5391"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
         try:
             endpoint = "http://127.0.0.1:5391"
             import boto3
 
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
-                Bucket="bench")
+            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            for _ in range(100):
+                try:
+                    client.create_bucket(Bucket="bench")
+                    break
+                except Exception:  # noqa: BLE001 - the server is still starting
+                    time.sleep(0.2)
             store = open_store("s3://bench/data", endpoint)
             for path in sorted(Path(biggest).iterdir()):
                 store.upload_file(path, path.name)
-            print(json.dumps({"kind": "reader", "where": "s3 (moto, 127.0.0.1)",
+            print(json.dumps({"kind": "reader", "where": "s3 (moto server process, 127.0.0.1)",
                               "samples_per_s": round(reader_rate("s3://bench/data", endpoint),
                                                      1)}), flush=True)
         finally:
-            server.stop()
+            server.terminate()
+            server.wait(timeout=10)
     for row in step_need(args.threads):
         print(json.dumps(row), flush=True)
     return 0

@@ -282,10 +282,12 @@ def read_shard_bytes(url: str, endpoint_url: str | None = None,
 
 
 def read_shard(url: str, entry: dict, manifest: dict, endpoint_url: str | None = None,
-               decode_audio: bool = False) -> list[dict]:
+               decode_audio: bool = False, data: bytes | None = None) -> list[dict]:
     """All samples of one shard, checked against the manifest entry and decoded (check_sample's
-    form, in shard order). Raises ShardError naming the shard and key."""
+    form, in shard order). `data`: the shard's bytes when already fetched (read_shard_bytes),
+    else they are read here. Raises ShardError naming the shard and key."""
     keep = SAMPLE_EXTS if decode_audio else (LABEL_EXT, FEATURE_EXT)
-    data = read_shard_bytes(url, endpoint_url, int(entry["size"]))
+    if data is None:
+        data = read_shard_bytes(url, endpoint_url, int(entry["size"]))
     return [check_sample(raw, manifest, url, decode_audio)
             for raw in iter_shard_samples(data, entry, url, keep)]

@@ -1,6 +1,7 @@
 """A training split streamed from its shards: each data-parallel rank reads its share of the
-split's shards, one shard in memory at a time, shuffles through a buffer and yields its part of
-every global batch. Used when a split is larger than a memory budget (tsdsae.data.open_dataset).
+split's shards, a few at a time in memory (the one being decoded and FETCH_AHEAD being
+fetched), shuffles through a buffer and yields its part of every global batch. Used when a
+split is larger than a memory budget (tsdsae.data.open_dataset).
 
 The pipeline is webdataset's (`wds.DataPipeline`: a shard list, a stage that reads one shard,
 `wds.shuffle` with a seed, then batching here), with this project's checked shard reader as the
@@ -28,9 +29,10 @@ import torch
 
 from tsdsae.data.manifest import dataset_root, load_manifest, shard_urls
 from tsdsae.data.memory import samples_to_split
-from tsdsae.data.shards import read_shard
+from tsdsae.data.shards import read_shard, read_shard_bytes
 
 DEFAULT_BUFFER = 512               # samples in the shuffle buffer
+FETCH_AHEAD = 2                    # shards fetched while the current one is decoded
 
 
 def _mix(*parts: int) -> int:
@@ -64,6 +66,7 @@ class StreamSplit:
         self.manifest = manifest if manifest is not None else load_manifest(self.uri,
                                                                             endpoint_url)
         self.shards = shard_urls(self.uri, self.manifest, split, endpoint_url)
+        self._entries = dict(self.shards)
         self.instruments = tuple(self.manifest["instruments"])
         self.n = int(self.manifest["splits"][split]["num_samples"])
 
@@ -81,11 +84,26 @@ class StreamSplit:
 
     def _read(self, source: Iterator[dict]) -> Iterator[dict]:
         """The pipeline's reading stage: {"url"} items (wds.SimpleShardList) -> the checked,
-        decoded samples of each shard."""
-        entries = dict(self.shards)
-        for item in source:
-            yield from read_shard(item["url"], entries[item["url"]], self.manifest,
-                                  self.endpoint_url)
+        decoded samples of each shard, in order. The bytes of the next FETCH_AHEAD shards are
+        fetched on threads while one is checked and decoded (an object store's latency and
+        per-connection rate, not the decoding, would otherwise set the pace)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        entries = self._entries
+        with ThreadPoolExecutor(FETCH_AHEAD, thread_name_prefix="tsdsae-fetch") as pool:
+            fetching: list = []
+            for item in source:
+                url = item["url"]
+                fetching.append((url, pool.submit(read_shard_bytes, url, self.endpoint_url,
+                                                  int(entries[url]["size"]))))
+                if len(fetching) > FETCH_AHEAD:
+                    yield from self._decode(*fetching.pop(0))
+            while fetching:
+                yield from self._decode(*fetching.pop(0))
+
+    def _decode(self, url: str, fetched) -> list[dict]:
+        return read_shard(url, self._entries[url], self.manifest, self.endpoint_url,
+                          data=fetched.result())
 
     def samples(self, seed: int, epoch: int, rank: int = 0, world_size: int = 1
                 ) -> Iterator[dict]:

@@ -33,18 +33,18 @@ that run plain, and `training_pass` reports them once. Every option of ModelConf
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from tsdsae.model.dsae import DSAE, Outputs, inverse_permutation
-import dataclasses
-import logging
-from typing import Callable
-
-from tsdsae.model.layers import MLP, DiagNormal, GaussianHead, masked_mean, normal
 from tsdsae import losses
+from tsdsae.model.dsae import DSAE, Outputs, inverse_permutation
+from tsdsae.model.layers import MLP, DiagNormal, GaussianHead, masked_mean, normal
 
 logger = logging.getLogger(__name__)
 

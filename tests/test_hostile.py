@@ -225,7 +225,7 @@ def test_an_unwritable_checkpoint_root_is_refused_before_training(tmp_path, caps
 
 def test_a_sample_key_in_two_splits_is_named_by_reader_and_verify(small_dmelodies, tmp_path):
     from data_prep.verify import verify_dataset
-    from tsdsae.data import ShardError, load_dataset
+    from tsdsae.data import ShardError, load_dataset, open_dataset
 
     root = tmp_path / "dup"
     shutil.copytree(small_dmelodies, root)
@@ -240,6 +240,15 @@ def test_a_sample_key_in_two_splits_is_named_by_reader_and_verify(small_dmelodie
         key = tar.getmembers()[0].name.split(".")[0]
     with pytest.raises(ShardError, match=f"sample key '{key}' is also in"):
         load_dataset(root)
+    # Streamed, the train split's clips are checked against the splits held in memory, while
+    # training (each rank's pass) and when the evaluation reads it whole.
+    streamed = open_dataset(root, stream="on")["train"]
+    with pytest.raises(ShardError, match=f"sample key '{key}' is also in the test split"):
+        for _ in streamed.batches(4, seed=0, epoch=0):
+            pass
+    with pytest.raises(ShardError, match=f"sample key '{key}' is also in the test split"):
+        for _ in streamed.chunks(4):
+            pass
     report = verify_dataset(str(root))
     assert not report.ok and any(f["key"] == key and "also in" in f["problem"]
                                  for f in report.failures)

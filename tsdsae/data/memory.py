@@ -173,6 +173,8 @@ def open_dataset(uri: str | os.PathLike, endpoint_url: str | None = None, stream
         return load_dataset(uri, endpoint_url=endpoint_url)
     rest = [name for name in split_names(manifest) if name != "train"]
     data = load_dataset(uri, splits=rest, endpoint_url=endpoint_url)
-    data.splits["train"] = StreamSplit(uri, "train", endpoint_url, shuffle_buffer, manifest)
+    held_out = {key: f"the {name} split" for name in rest for key in data[name].keys}
+    data.splits["train"] = StreamSplit(uri, "train", endpoint_url, shuffle_buffer, manifest,
+                                       held_out)
     data.meta["streamed"] = ["train"]
     return data

@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 
 from tsdsae.data.manifest import dataset_root, load_manifest, shard_urls
-from tsdsae.data.memory import samples_to_split
+from tsdsae.data.memory import check_unique_key, samples_to_split
 from tsdsae.data.shards import read_shard, read_shard_bytes
 
 DEFAULT_BUFFER = 512               # samples in the shuffle buffer
@@ -54,19 +54,24 @@ class StreamSplit:
     """One split of the dataset at `uri` (a folder or s3:// prefix), read shard by shard.
 
     len() is the split's number of clips (from the manifest); `instruments` the manifest's
-    instrument names. Raises like tsdsae.data.load_dataset (StorageError, MissingSplitError)
-    when opened, ShardError naming the shard when a shard is bad.
+    instrument names. `held_out`: the sample keys of the dataset's other splits (key -> where,
+    e.g. "the val split"); a streamed clip with one of them, or with a key that an earlier shard
+    of the same pass (a rank's pass over its shards while training; the whole split in
+    `chunks`) holds, is a ShardError, as load_dataset's key check. Raises like
+    tsdsae.data.load_dataset (StorageError, MissingSplitError) when opened, ShardError naming
+    the shard when a shard is bad.
     """
 
     def __init__(self, uri: str | os.PathLike, split: str = "train",
                  endpoint_url: str | None = None, buffer: int = DEFAULT_BUFFER,
-                 manifest: dict | None = None):
+                 manifest: dict | None = None, held_out: dict[str, str] | None = None):
         self.uri = dataset_root(uri)
         self.split, self.endpoint_url, self.buffer = split, endpoint_url, max(1, int(buffer))
         self.manifest = manifest if manifest is not None else load_manifest(self.uri,
                                                                             endpoint_url)
         self.shards = shard_urls(self.uri, self.manifest, split, endpoint_url)
         self._entries = dict(self.shards)
+        self.held_out = dict(held_out or {})
         self.instruments = tuple(self.manifest["instruments"])
         self.n = int(self.manifest["splits"][split]["num_samples"])
 
@@ -89,7 +94,7 @@ class StreamSplit:
         per-connection rate, not the decoding, would otherwise set the pace)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        entries = self._entries
+        entries, seen = self._entries, dict(self.held_out)
         with ThreadPoolExecutor(FETCH_AHEAD, thread_name_prefix="tsdsae-fetch") as pool:
             fetching: list = []
             for item in source:
@@ -97,13 +102,18 @@ class StreamSplit:
                 fetching.append((url, pool.submit(read_shard_bytes, url, self.endpoint_url,
                                                   int(entries[url]["size"]))))
                 if len(fetching) > FETCH_AHEAD:
-                    yield from self._decode(*fetching.pop(0))
+                    yield from self._decode(*fetching.pop(0), seen)
             while fetching:
-                yield from self._decode(*fetching.pop(0))
+                yield from self._decode(*fetching.pop(0), seen)
 
-    def _decode(self, url: str, fetched) -> list[dict]:
-        return read_shard(url, self._entries[url], self.manifest, self.endpoint_url,
-                          data=fetched.result())
+    def _decode(self, url: str, fetched, seen: dict[str, str]) -> list[dict]:
+        """The checked samples of the shard at `url` from its fetched bytes (a Future); their
+        keys recorded in `seen` (key -> where), a key already there a ShardError."""
+        samples = read_shard(url, self._entries[url], self.manifest, self.endpoint_url,
+                             data=fetched.result())
+        for sample in samples:
+            check_unique_key(sample["key"], url, seen)
+        return samples
 
     def samples(self, seed: int, epoch: int, rank: int = 0, world_size: int = 1
                 ) -> Iterator[dict]:
@@ -182,8 +192,12 @@ class StreamSplit:
         """(features, mask, instrument) of every clip in manifest order, `size` at a time, one
         shard in memory at a time (tsdsae.dataset.Split.chunks's form)."""
         pending: list[dict] = []
+        seen = dict(self.held_out)
         for url, entry in self.shards:
-            pending += read_shard(url, entry, self.manifest, self.endpoint_url)
+            samples = read_shard(url, entry, self.manifest, self.endpoint_url)
+            for sample in samples:
+                check_unique_key(sample["key"], url, seen)
+            pending += samples
             while len(pending) >= size:
                 split = samples_to_split(pending[:size], self.instruments)
                 pending = pending[size:]

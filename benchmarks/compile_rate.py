@@ -29,14 +29,16 @@ from tsdsae import schedule  # noqa: E402
 from tsdsae.config import ModelConfig  # noqa: E402
 from tsdsae.losses import elbo_terms, masked_kl_mean, swap_terms, total_loss  # noqa: E402
 from tsdsae.model import DSAE, fast_cpu  # noqa: E402
+from tsdsae.model.layers import PLAIN  # noqa: E402
 from tsdsae.model.layers import normal  # noqa: E402
 from tsdsae.train_step import build_optimizer, keep_freed_memory, train_step  # noqa: E402
 
 
-def setup(args):
-    """The model, its optimiser, the batch, the stage plan and the cached informed prior."""
+def setup(args, blocks=PLAIN):
+    """The model (built from `blocks`, the same initial weights either way), its optimiser, the
+    batch, the stage plan and the cached informed prior."""
     torch.manual_seed(0)
-    model = DSAE(ModelConfig(z_dim=args.z_dim))
+    model = DSAE(ModelConfig(z_dim=args.z_dim), blocks)
     opt = build_optimizer(model, 1e-3)
     plan = schedule.plan(args.variant, 0 if args.stage == 1 else 1, 1)
     if plan.stage != args.stage:
@@ -67,8 +69,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     model, opt, plan, x, mask, prior = setup(args)
+    fast, fast_opt, _, _, _, _ = setup(args, fast_cpu.CPU_BLOCKS)
     weights = (1.0, 1.0, 1.0, 1.0)
-    fast = fast_cpu.training_pass(model, "cpu")
 
     def loss_of(x, mask, perm_g, perm_l, prior_loc, prior_logvar):
         perms = (perm_g, perm_l) if plan.swaps else None
@@ -93,8 +95,8 @@ def main(argv=None) -> int:
 
     ways = {
         "plain": lambda: train_step(model, opt, x, mask, plan, weights, prior, core=model),
-        "fast_cpu": lambda: train_step(fast.module, opt, x, mask, plan, weights, prior,
-                                       core=model, masked_kl=fast.masked_kl),
+        "fast_cpu": lambda: train_step(fast, fast_opt, x, mask, plan, weights, prior,
+                                       masked_kl=fast_cpu.masked_kl_mean),
         "compiled": compiled_step,
     }
     t0 = time.perf_counter()

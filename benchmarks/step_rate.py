@@ -5,7 +5,8 @@
     python benchmarks/step_rate.py --ray [--workers 1 2] [...]
 Prints one JSON line per configuration. With no --model/--stage/--z-dim it runs DSAE and TS-DSAE
 stage 1 and stage 2 at z_dim 8 and 32 (with --ray: TS-DSAE stage 2 at z_dim 32). The step runs
-the trainer's pass (tsdsae.model.fast_cpu's on CPU); --plain times the plain model instead.
+the trainer's model (built from tsdsae.model.fast_cpu's blocks on CPU); --plain times the
+plain blocks instead.
 
 --ray: the same step inside Ray Train workers (tsdsae.trainer.Ranks' DDP wrapper and weighted
 gradient all-reduce), the global batch split across N workers, next to the single-process rate:
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 from tsdsae import schedule  # noqa: E402
 from tsdsae.config import ModelConfig, VARIANTS  # noqa: E402
 from tsdsae.model import DSAE, fast_cpu  # noqa: E402
+from tsdsae.model.layers import PLAIN  # noqa: E402
 from tsdsae.losses import masked_kl_mean  # noqa: E402
 from tsdsae.train_step import build_optimizer, keep_freed_memory, train_step  # noqa: E402
 from tsdsae.trainer import PriorCache  # noqa: E402
@@ -47,10 +49,13 @@ def setup_step(variant: str, stage: int, z_dim: int, batch: int, frames: int,
                device: torch.device, rank: int = 0, world_size: int = 1, wrap=None,
                plain: bool = False):
     """A closure running one training step on this rank's part of a fixed global batch.
-    The pass is the trainer's (tsdsae.model.fast_cpu.training_pass), or the plain model when
-    `plain`; `wrap(module)` gives the module the step runs (a DDP wrapper under Ray)."""
+    The model is built as the trainer builds it (tsdsae.model.fast_cpu.training_pass: the CPU
+    blocks on CPU), or from the plain blocks when `plain`; `wrap(module)` gives the module the
+    step runs (a DDP wrapper under Ray)."""
+    passes = (fast_cpu.TrainingPass(PLAIN, masked_kl_mean) if plain
+              else fast_cpu.training_pass(device))
     torch.manual_seed(0)
-    model = DSAE(ModelConfig(z_dim=z_dim)).to(device)
+    model = DSAE(ModelConfig(z_dim=z_dim), passes.blocks).to(device)
     opt = build_optimizer(model, 1e-3)
     switch = 1
     epoch = 0 if stage == 1 else switch
@@ -70,9 +75,7 @@ def setup_step(variant: str, stage: int, z_dim: int, batch: int, frames: int,
                       torch.zeros(n, frames, dtype=torch.long, device=device),
                       [str(i) for i in range(n)], ("a",))
         prior = PriorCache(model, split)(torch.arange(n, device=device))
-    passes = (fast_cpu.TrainingPass(model, masked_kl_mean) if plain
-              else fast_cpu.training_pass(model, device))
-    step_model = wrap(passes.module) if wrap is not None else passes.module
+    step_model = wrap(model) if wrap is not None else model
 
     def step():
         return train_step(step_model, opt, x, mask, plan, (1, 1, 1, 1), prior, core=model,

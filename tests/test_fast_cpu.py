@@ -1,4 +1,5 @@
-"""tsdsae.model.fast_cpu computes the plain model's training pass: same values, same gradients."""
+"""A model built from tsdsae.model.fast_cpu's CPU blocks computes the plain model's training
+pass: same parameters, same values, same gradients."""
 import pytest
 import torch
 from torch import nn
@@ -7,7 +8,7 @@ from torch.distributions import Normal
 from tsdsae import losses
 from tsdsae.config import ModelConfig
 from tsdsae.model import DSAE, fast_cpu
-from tsdsae.model.layers import normal
+from tsdsae.model.layers import PLAIN, normal
 from tsdsae.train_step import loss_terms
 from tsdsae.schedule import plan
 
@@ -25,6 +26,18 @@ OPTION_SETS = [{}, {"z_feature": ">"}, {"z_feature": "<"}, {"z_feature": "><"},
 def tiny(**kw) -> ModelConfig:
     return ModelConfig(input_dim=F, z_dim=Z, v_dim=V, encoder_hidden=(7, 7),
                        transition_hidden=(9, 9), decoder_hidden=(11, 11), **kw)
+
+
+def _twins(cfg: ModelConfig, dtype=torch.float64):
+    """The plain model and the CPU-blocks model with the same weights (one state_dict)."""
+    torch.manual_seed(0)
+    model = DSAE(cfg).to(dtype)
+    torch.manual_seed(0)
+    fast = DSAE(cfg, fast_cpu.CPU_BLOCKS).to(dtype)
+    for (name, a), (_, b) in zip(model.state_dict().items(), fast.state_dict().items()):
+        assert torch.equal(a, b), name                        # the same initialisation
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in fast.named_parameters()]
+    return model, fast
 
 
 def _loss(runner, model, x, mask, perms, masked_kl, v_prior):
@@ -48,10 +61,8 @@ def _dists(out):
 @pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: ",".join(
     f"{k}={v}" for k, v in o.items()) or "paper")
 def test_fast_pass_equals_the_plain_model_values_and_every_gradient(options):
-    torch.manual_seed(0)
-    model = DSAE(tiny(**options)).double()
-    fast = fast_cpu.FastDSAE(model)
-    params = list(model.parameters())
+    model, fast = _twins(tiny(**options))
+    params, fast_params = list(model.parameters()), list(fast.parameters())
     x = torch.randn(B, T, F, dtype=torch.float64)
     v_prior = normal(torch.randn(B, V, dtype=torch.float64), torch.randn(B, V, dtype=torch.float64))
     perms = (torch.tensor([2, 0, 1]), torch.tensor([1, 2, 0]))
@@ -60,7 +71,7 @@ def test_fast_pass_equals_the_plain_model_values_and_every_gradient(options):
         for swaps, prior in ((None, None), (perms, v_prior)):
             ref_out, ref_terms, ref = _loss(model, model, x, mask, swaps, losses.masked_kl_mean,
                                             prior)
-            out, terms, loss = _loss(fast, model, x, mask, swaps, fast_cpu.masked_kl_mean, prior)
+            out, terms, loss = _loss(fast, fast, x, mask, swaps, fast_cpu.masked_kl_mean, prior)
             where = (options, lengths, swaps is not None)
             ref_vals, vals = _dists(ref_out), _dists(out)
             assert ref_vals.keys() == vals.keys(), where
@@ -71,7 +82,7 @@ def test_fast_pass_equals_the_plain_model_values_and_every_gradient(options):
             for k in ref_terms:
                 torch.testing.assert_close(terms[k], ref_terms[k], rtol=1e-12, atol=1e-13)
             ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = torch.autograd.grad(loss, fast_params, allow_unused=True)
             for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
                 assert (a is None) == (b is None), (where, name)
                 if b is not None:
@@ -83,22 +94,20 @@ def test_fast_pass_equals_the_plain_model_values_and_every_gradient(options):
 
 def test_fast_training_step_matches_the_plain_step_in_float32_with_onednn_linears():
     """The paper's sizes at a few thousand rows: the oneDNN linears run, float32 rounding only."""
-    torch.manual_seed(0)
-    model = DSAE(ModelConfig(z_dim=8))
-    fast = fast_cpu.FastDSAE(model)
+    model, fast = _twins(ModelConfig(z_dim=8), torch.float32)
     x = torch.randn(4, 600, 80) * 3 - 5
     mask = torch.arange(600)[None] < torch.tensor([600, 600, 420, 517])[:, None]
     model.take_snapshot()
+    fast.take_snapshot()
     stage2 = plan("ts_dsae", 1, 1)
     torch.manual_seed(3)
     ref, ref_terms = loss_terms(model, x, mask, stage2)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     torch.manual_seed(3)
-    loss, terms = loss_terms(fast, x, mask, stage2, core=model,
-                             masked_kl=fast_cpu.masked_kl_mean)
+    loss, terms = loss_terms(fast, x, mask, stage2, masked_kl=fast_cpu.masked_kl_mean)
     assert any("OneDNN" in name for name in _graph_nodes(loss))
     assert not any("OneDNN" in name for name in _graph_nodes(ref))
-    grads = torch.autograd.grad(loss, list(model.parameters()))
+    grads = torch.autograd.grad(loss, list(fast.parameters()))
     for k in ref_terms:
         torch.testing.assert_close(terms[k], ref_terms[k], rtol=1e-4, atol=1e-5)
     for a, b in zip(grads, ref_grads):
@@ -168,37 +177,44 @@ def test_fused_masked_kl_matches_the_composed_loss_and_its_gradients():
         g.sum().backward()
 
 
-def test_the_fast_path_is_chosen_on_cpu_and_a_block_it_does_not_cover_runs_plain(caplog):
-    """training_pass: FastDSAE and the fused KL on CPU, the plain model elsewhere. A reader's edit
-    of the plain model (another nonlinearity, dropout) is not silently computed the old way: the
-    edited MLP runs as its plain module inside the fast pass (same values and gradients as the
-    edited plain model, float64), the other blocks stay fast, and the fallback is said once."""
-    model = DSAE(tiny()).double()
-    cpu = fast_cpu.training_pass(model, "cpu")
-    assert isinstance(cpu.module, fast_cpu.FastDSAE) and cpu.masked_kl is fast_cpu.masked_kl_mean
-    cuda = fast_cpu.training_pass(model, torch.device("cuda"))
-    assert cuda.module is model and cuda.masked_kl is losses.masked_kl_mean
-    assert fast_cpu.plain_blocks(model) == []
+def test_the_cpu_blocks_are_chosen_on_cpu_and_a_block_they_do_not_cover_runs_plain(caplog):
+    """training_pass: the CPU blocks and the fused KL on CPU, the plain blocks elsewhere. A
+    reader's edit of an MLP (another nonlinearity, dropout) is not silently computed the old
+    way: the edited MLP runs its plain forward inside the CPU-blocks model (same values and
+    gradients as the edited plain model, float64), the other blocks stay fast, and the fallback
+    is said once."""
+    cpu = fast_cpu.training_pass("cpu")
+    assert cpu.blocks is fast_cpu.CPU_BLOCKS and cpu.masked_kl is fast_cpu.masked_kl_mean
+    cuda = fast_cpu.training_pass(torch.device("cuda"))
+    assert cuda.blocks is PLAIN and cuda.masked_kl is losses.masked_kl_mean
+    model, fast = _twins(tiny())
+    assert isinstance(fast.likelihood.net.mlp, fast_cpu.TanhMLP)
+    assert isinstance(fast.likelihood.out, fast_cpu.Linear)
+    assert isinstance(fast.v_posterior.head, fast_cpu.Head)
+    assert fast_cpu.report_plain_blocks(fast) == [] and fast_cpu.plain_blocks(model) == []
     torch.manual_seed(0)
     x, mask = torch.randn(B, T, F, dtype=torch.float64), torch.ones(B, T, dtype=torch.bool)
     mask[1, 3:] = False
     before = model.v_posterior(x, mask).loc
-    model.v_posterior.encoder.mlp.layers[1] = nn.ReLU()
-    model.likelihood.net.mlp.layers.append(nn.Dropout(0.0))
+    for m in (model, fast):
+        m.v_posterior.encoder.mlp.layers[1] = nn.ReLU()
+        m.likelihood.net.mlp.layers.append(nn.Dropout(0.0))
     assert not torch.allclose(model.v_posterior(x, mask).loc, before)
     with caplog.at_level("WARNING", logger="tsdsae.model.fast_cpu"):
-        edited = fast_cpu.training_pass(model, "cpu")
-    assert fast_cpu.plain_blocks(model) == ["v_posterior.encoder.mlp", "likelihood.net.mlp"]
+        assert fast_cpu.report_plain_blocks(fast) == ["v_posterior.encoder.mlp",
+                                                      "likelihood.net.mlp"]
+        fast_cpu.report_plain_blocks(fast)                       # said once
+        assert fast_cpu.report_plain_blocks(model) == []         # plain blocks: nothing to say
     assert [r.getMessage().count("v_posterior.encoder.mlp") for r in caplog.records] == [1]
     stage2 = plan("ts_dsae", 1, 1)
     model.take_snapshot()
+    fast.take_snapshot()
     torch.manual_seed(3)
     ref, ref_terms = loss_terms(model, x, mask, stage2)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     torch.manual_seed(3)
-    loss, terms = loss_terms(edited.module, x, mask, stage2, core=model,
-                             masked_kl=edited.masked_kl)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
+    loss, terms = loss_terms(fast, x, mask, stage2, masked_kl=cpu.masked_kl)
+    grads = torch.autograd.grad(loss, list(fast.parameters()))
     for k in ref_terms:
         torch.testing.assert_close(terms[k], ref_terms[k], rtol=1e-10, atol=1e-12)
     for a, b in zip(grads, ref_grads):

@@ -49,10 +49,10 @@ def loss_terms(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, plan: Stag
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward pass and the loss of this stage: returns (loss, named terms).
 
-    x (B, T, F), mask (B, T). `model` runs the pass: the DSAE, the module of a
-    tsdsae.model.fast_cpu.TrainingPass, or a DDP wrapper of either; `core` is the DSAE (default:
-    `model` itself); `masked_kl` the KL_z averaging (METHOD s3) the pass comes with (its
-    TrainingPass says which). With swaps, two independent permutations of the batch are drawn
+    x (B, T, F), mask (B, T). `model` runs the pass: the DSAE (built from the plain or the
+    CPU blocks) or a DDP wrapper of it; `core` is the DSAE (default: `model` itself);
+    `masked_kl` the KL_z averaging (METHOD s3) to use (tsdsae.model.fast_cpu.TrainingPass
+    says which goes with a device). With swaps, two independent permutations of the batch are drawn
     (METHOD s4). `v_prior` is the informed prior for this batch when the caller has it cached;
     otherwise, when the stage needs it, the frozen snapshot is evaluated here.
     """

@@ -16,7 +16,7 @@ Read top to bottom:
 A run of a pack trains exactly as it would alone, bit for bit: it is the same object with the
 same seeds (its epoch's random draws come from the global generator, reseeded from (seed, epoch,
 rank) before its epoch, and no other run draws in between). How its passes run is chosen when
-its model is built (tsdsae.model.fast_cpu.training_pass: the CPU fast path, or the plain model).
+its model is built (tsdsae.model.fast_cpu.training_pass: the CPU blocks, or the plain ones).
 
 Choices where METHOD is silent: early stopping and the best checkpoint are tracked within the last
 stage only (a two-stage model's stage-2 loss has extra terms, so a stage-1 loss is not comparable
@@ -178,14 +178,15 @@ class Run:
                  dtype: torch.dtype = torch.float32):
         self.cfg, self.splits, self.device = cfg, splits, device
         self.ranks = ranks or Ranks()
+        # the blocks the model is built from: tsdsae.model.fast_cpu's equal, faster ones on CPU
+        self.passes = fast_cpu.training_pass(device)
         torch.manual_seed(cfg.seed)                        # deterministic initialisation
-        self.model = DSAE(cfg.model).to(device)
+        self.model = DSAE(cfg.model, self.passes.blocks).to(device)
+        fast_cpu.report_plain_blocks(self.model)
         self.dtype = dtype
         if dtype == torch.float64:
             self.model.double()                            # equivalence checks
-        # the training pass: tsdsae.model.fast_cpu's equal, faster pass on CPU, else the model
-        self.passes = fast_cpu.training_pass(self.model, device)
-        self.step_model: torch.nn.Module = self.passes.module   # under DDP: its wrapper
+        self.step_model: torch.nn.Module = self.model      # under DDP: its wrapper
         self.stage: int | None = None                      # the stage whose trainable set is on
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, (o.beta1, o.beta2), o.eps,
@@ -299,7 +300,7 @@ class Run:
             if plan.stage == 2 and epoch == s.switch_epoch:
                 self.switch_stage()
             self.model.set_trainable(set(plan.trainable))
-            self.step_model = self.ranks.wrap(self.passes.module, self.device)
+            self.step_model = self.ranks.wrap(self.model, self.device)
             self.stage = plan.stage
         return plan
 
@@ -324,7 +325,7 @@ class Run:
                 terms = train_step(self.step_model, self.optimizer, x, mask, plan, weights, prior,
                                    core=self.model, masked_kl=self.passes.masked_kl)
             else:
-                terms = eval_step(self.passes.module, x, mask, plan, weights, prior,
+                terms = eval_step(self.model, x, mask, plan, weights, prior,
                                   core=self.model, masked_kl=self.passes.masked_kl)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v * count

@@ -14,8 +14,10 @@ Shapes: x (B, T, F), mask (B, T) bool, v (B, V), z (B, T, Z).
 Module groups used by the stage schedule (tsdsae.schedule): "global" = the v posterior,
 "local" = z posterior (with its feature net) and z prior, "decoder" = the likelihood.
 
-This is the definition. tsdsae.model.fast_cpu computes the same training pass from these
-parameters faster on CPU (and is tested equal to it); nothing here depends on it.
+This is the definition. Its blocks (MLPs, Gaussian heads, the output linear) are built from
+`blocks` (tsdsae.model.layers.Blocks): the plain torch layers, or tsdsae.model.fast_cpu's
+CPU_BLOCKS, which compute the same functions of the same parameters faster on CPU (tested equal);
+nothing here depends on which.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import DiagNormal, normal
+from tsdsae.model.layers import PLAIN, Blocks, DiagNormal, normal
 from tsdsae.model.likelihood import Likelihood
 from tsdsae.model.v_posterior import VPosterior
 from tsdsae.model.z_posterior import ZPosterior
@@ -57,13 +59,13 @@ class DSAE(nn.Module):
     GROUPS = {"global": ("v_posterior",), "local": ("z_posterior", "z_prior"),
               "decoder": ("likelihood",)}
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, blocks: Blocks = PLAIN):
         super().__init__()
-        self.cfg = cfg
-        self.v_posterior = VPosterior(cfg)
-        self.z_posterior = ZPosterior(cfg)
-        self.z_prior = ZPrior(cfg)
-        self.likelihood = Likelihood(cfg)
+        self.cfg, self.blocks = cfg, blocks
+        self.v_posterior = VPosterior(cfg, blocks)
+        self.z_posterior = ZPosterior(cfg, blocks)
+        self.z_prior = ZPrior(cfg, blocks)
+        self.likelihood = Likelihood(cfg, blocks)
         # The informed prior: a frozen copy of v_posterior taken at the stage switch. Kept out of
         # the module tree (no parameters, no optimiser entry, never any gradient); its tensors
         # travel in checkpoints through `snapshot_state_dict`.

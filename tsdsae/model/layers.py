@@ -1,8 +1,13 @@
 """Building blocks of the factor modules: the diagonal Gaussian, MLPs, Gaussian heads, masked
-pooling and the recurrent frame encoders. Plain torch layers (nn.Linear, nn.Tanh, nn.LSTM); the
-CPU speed-ups live apart, in tsdsae.model.fast_cpu.
+pooling and the recurrent frame encoders. Plain torch layers (nn.Linear, nn.Tanh, nn.LSTM).
+
+Which classes build the MLPs, Gaussian heads and output linears is chosen when a model is built
+(`Blocks`: PLAIN here; tsdsae.model.fast_cpu.CPU_BLOCKS computes the same functions of the same
+parameters faster on CPU). The factor modules are the only definition of the model either way.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -82,6 +87,21 @@ class GaussianHead(nn.Module):
         return normal(self.mean(h), self.logvar(h))
 
 
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """The classes a model's blocks are built from: `mlp` (an MLP: same constructor, same
+    parameters), `head` (a GaussianHead), `linear` (an nn.Linear). Subclasses that compute the
+    same function of the same parameters keep checkpoints interchangeable."""
+
+    mlp: type = MLP
+    head: type = GaussianHead
+    linear: type = nn.Linear
+    name: str = "plain"
+
+
+PLAIN = Blocks()
+
+
 def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over valid frames: h (B, T, H), mask (B, T) bool -> (B, H). An empty sequence
     gives zeros."""
@@ -117,11 +137,11 @@ class SequenceEncoder(nn.Module):
     x (B, T, D_in), mask (B, T) bool -> (B, T, out_dim); outputs at padding frames are unused.
     """
 
-    def __init__(self, kind: str, in_dim: int, hidden: tuple[int, ...]):
+    def __init__(self, kind: str, in_dim: int, hidden: tuple[int, ...], blocks: Blocks = PLAIN):
         super().__init__()
         self.kind = kind
         if kind == "^":
-            self.mlp = MLP(in_dim, hidden)
+            self.mlp = blocks.mlp(in_dim, hidden)
             self.out_dim = self.mlp.out_dim
             return
         size, directions = hidden[0], ("forward",) * (">" in kind) + ("backward",) * ("<" in kind)

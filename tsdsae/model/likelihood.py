@@ -14,14 +14,15 @@ from torch import nn
 from torch.distributions import Normal
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import SequenceEncoder
+from tsdsae.model.layers import PLAIN, Blocks, SequenceEncoder
 
 
 class Likelihood(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, blocks: Blocks = PLAIN):
         super().__init__()
-        self.net = SequenceEncoder(cfg.likelihood, cfg.z_dim + cfg.v_dim, cfg.decoder_hidden)
-        self.out = nn.Linear(self.net.out_dim, cfg.input_dim)
+        self.net = SequenceEncoder(cfg.likelihood, cfg.z_dim + cfg.v_dim, cfg.decoder_hidden,
+                                   blocks)
+        self.out = blocks.linear(self.net.out_dim, cfg.input_dim)
 
     def forward(self, z: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> Normal:
         """p(x_t | z_t, v) for t = 1..T: (B, T, F)."""

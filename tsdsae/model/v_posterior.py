@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import DiagNormal, GaussianHead, SequenceEncoder, masked_mean
+from tsdsae.model.layers import PLAIN, Blocks, DiagNormal, SequenceEncoder, masked_mean
 
 
 class VPosterior(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, blocks: Blocks = PLAIN):
         super().__init__()
-        self.encoder = SequenceEncoder(cfg.v_posterior, cfg.input_dim, cfg.encoder_hidden)
-        self.head = GaussianHead(self.encoder.out_dim, cfg.v_dim)
+        self.encoder = SequenceEncoder(cfg.v_posterior, cfg.input_dim, cfg.encoder_hidden, blocks)
+        self.head = blocks.head(self.encoder.out_dim, cfg.v_dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> DiagNormal:
         """q(v | x_1:T): (B, V)."""

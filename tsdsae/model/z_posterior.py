@@ -16,27 +16,27 @@ import torch
 from torch import nn
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import MLP, DiagNormal, GaussianHead, SequenceEncoder, normal
+from tsdsae.model.layers import PLAIN, Blocks, DiagNormal, SequenceEncoder, normal
 
 
 class ZPosterior(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, blocks: Blocks = PLAIN):
         super().__init__()
         self.kind = cfg.z_posterior
         self.v_condition = cfg.v_condition
         self.z_dim = cfg.z_dim
-        self.features = SequenceEncoder(cfg.z_feature, cfg.input_dim, cfg.encoder_hidden)
+        self.features = SequenceEncoder(cfg.z_feature, cfg.input_dim, cfg.encoder_hidden, blocks)
         feat_dim = self.features.out_dim + (cfg.v_dim if cfg.v_condition else 0)
         sizes = (feat_dim + cfg.z_dim, *cfg.transition_hidden)
         if self.kind == "x":
             head_in = feat_dim
         elif self.kind == ">":
-            self.transition = MLP(sizes[0], cfg.transition_hidden)
+            self.transition = blocks.mlp(sizes[0], cfg.transition_hidden)
             head_in = self.transition.out_dim
         else:  # '>>'
             self.cells = nn.ModuleList(nn.LSTMCell(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
             head_in = sizes[-1]
-        self.head = GaussianHead(head_in, cfg.z_dim)
+        self.head = blocks.head(head_in, cfg.z_dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, v: torch.Tensor | None = None,
                 sample: bool = True) -> tuple[DiagNormal, torch.Tensor]:

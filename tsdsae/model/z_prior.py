@@ -12,20 +12,20 @@ import torch
 from torch import nn
 
 from tsdsae.config import ModelConfig
-from tsdsae.model.layers import MLP, DiagNormal, GaussianHead, normal
+from tsdsae.model.layers import PLAIN, Blocks, DiagNormal, normal
 
 
 class ZPrior(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, blocks: Blocks = PLAIN):
         super().__init__()
         self.kind = cfg.z_prior
         sizes = cfg.transition_hidden
         if self.kind == ">":
-            self.transition = MLP(cfg.z_dim, sizes)
+            self.transition = blocks.mlp(cfg.z_dim, sizes)
         elif self.kind == ">>":
             self.transition = nn.LSTM(cfg.z_dim, sizes[0], num_layers=len(sizes), batch_first=True)
         if self.kind != "x":
-            self.head = GaussianHead(sizes[-1] if self.kind == ">" else sizes[0], cfg.z_dim)
+            self.head = blocks.head(sizes[-1] if self.kind == ">" else sizes[0], cfg.z_dim)
 
     def forward(self, z: torch.Tensor) -> DiagNormal:
         """p(z_t | z_<t) for t = 1..T: (B, T, Z)."""

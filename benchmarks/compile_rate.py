@@ -5,8 +5,8 @@
 
 One JSON line per way of running the same training step (forward, the stage's loss, backward,
 Adam) on one fixed batch: "plain" (the factor modules in eager mode), "fast_cpu" (the model
-built from the CPU blocks, as the trainer builds it) and "compiled" (torch.compile, inductor, of the plain model's forward and loss; the
-optimiser step eager). The ways alternate in `--rounds` rounds of `--steps` steps each, so the
+built from the CPU blocks, as the trainer builds it) and "compiled" (torch.compile, inductor,
+of the plain model's forward and loss; the optimiser step eager). The ways alternate in `--rounds` rounds of `--steps` steps each, so the
 machine's drift hits them alike; ms_per_step is the median over the rounds. "compile_s" is the
 compiled way's first call (tracing and code generation). vs_fast_cpu = fast_cpu ms / this ms
 (> 1: faster than the CPU blocks).

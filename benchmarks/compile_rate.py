@@ -29,8 +29,7 @@ from tsdsae import schedule  # noqa: E402
 from tsdsae.config import ModelConfig  # noqa: E402
 from tsdsae.losses import elbo_terms, masked_kl_mean, swap_terms, total_loss  # noqa: E402
 from tsdsae.model import DSAE, fast_cpu  # noqa: E402
-from tsdsae.model.layers import PLAIN  # noqa: E402
-from tsdsae.model.layers import normal  # noqa: E402
+from tsdsae.model.layers import PLAIN, normal  # noqa: E402
 from tsdsae.train_step import build_optimizer, keep_freed_memory, train_step  # noqa: E402
 
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -165,19 +166,25 @@ def main(argv=None) -> int:
             os.environ[name] = "testing"              # moto's fake credentials
         # moto in its own process, as a real object store would be: in this process its
         # request handling would share the reader's interpreter lock.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                   "-p", "5391"], stdout=subprocess.DEVNULL,
+                                   "-p", str(port)], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
-            endpoint = "http://127.0.0.1:5391"
+            endpoint = f"http://127.0.0.1:{port}"
             import boto3
+            from botocore.exceptions import EndpointConnectionError
 
             client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-            for _ in range(100):
+            for attempt in range(100):
                 try:
                     client.create_bucket(Bucket="bench")
                     break
-                except Exception:  # noqa: BLE001 - the server is still starting
+                except EndpointConnectionError:               # the server is still starting
+                    if attempt == 99:
+                        raise
                     time.sleep(0.2)
             store = open_store("s3://bench/data", endpoint)
             for path in sorted(Path(biggest).iterdir()):

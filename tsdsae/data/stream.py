@@ -102,15 +102,18 @@ class StreamSplit:
                 fetching.append((url, pool.submit(read_shard_bytes, url, self.endpoint_url,
                                                   int(entries[url]["size"]))))
                 if len(fetching) > FETCH_AHEAD:
-                    yield from self._decode(*fetching.pop(0), seen)
-            while fetching:
-                yield from self._decode(*fetching.pop(0), seen)
+                    url, fetched = fetching.pop(0)
+                    yield from self._checked(url, seen, fetched.result())
+            for url, fetched in fetching:
+                yield from self._checked(url, seen, fetched.result())
 
-    def _decode(self, url: str, fetched, seen: dict[str, str]) -> list[dict]:
-        """The checked samples of the shard at `url` from its fetched bytes (a Future); their
-        keys recorded in `seen` (key -> where), a key already there a ShardError."""
+    def _checked(self, url: str, seen: dict[str, str], data: bytes | None = None
+                 ) -> list[dict]:
+        """The checked, decoded samples of the shard at `url` (from `data`, its bytes, when
+        already fetched), their keys recorded in `seen` (key -> where): a key already there is
+        a ShardError."""
         samples = read_shard(url, self._entries[url], self.manifest, self.endpoint_url,
-                             data=fetched.result())
+                             data=data)
         for sample in samples:
             check_unique_key(sample["key"], url, seen)
         return samples
@@ -168,11 +171,8 @@ class StreamSplit:
         shard in memory at a time (tsdsae.dataset.Split.chunks's form)."""
         pending: list[dict] = []
         seen = dict(self.held_out)
-        for url, entry in self.shards:
-            samples = read_shard(url, entry, self.manifest, self.endpoint_url)
-            for sample in samples:
-                check_unique_key(sample["key"], url, seen)
-            pending += samples
+        for url, _ in self.shards:
+            pending += self._checked(url, seen)
             while len(pending) >= size:
                 split = samples_to_split(pending[:size], self.instruments)
                 pending = pending[size:]

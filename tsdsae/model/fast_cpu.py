@@ -148,7 +148,7 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-CPU_BLOCKS = Blocks(mlp=TanhMLP, head=Head, linear=Linear, name="cpu")
+CPU_BLOCKS = Blocks(mlp=TanhMLP, head=Head, linear=Linear)
 
 
 # -- 4. the fused masked KL -----------------------------------------------------------------------

@@ -96,7 +96,6 @@ class Blocks:
     mlp: type = MLP
     head: type = GaussianHead
     linear: type = nn.Linear
-    name: str = "plain"
 
 
 PLAIN = Blocks()
